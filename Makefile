@@ -1,0 +1,41 @@
+# Two commands matter: `make run` (the pipeline on ml-100k) and `make test`.
+# Each creates ./.venv and installs the package into it first (once; again
+# whenever setup.cfg changes).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/ml100k
+CONFIG ?= configs/ml100k.py
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench format clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) experiments/pipeline.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) experiments/bench/sasrec_train.py --workdir=runs/bench
+
+format: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m yapf -i -r taiji_jax experiments configs tests
+	$(PY) -m isort taiji_jax experiments configs tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

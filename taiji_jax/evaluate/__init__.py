@@ -1,0 +1,1 @@
+"""Offline evaluation: full-sort ranking and top-k metrics."""

@@ -1,0 +1,1 @@
+"""Flax NNX models: SASRec (CF baseline and preference reward model)."""

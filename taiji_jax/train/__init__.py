@@ -1,0 +1,1 @@
+"""Trainers: pure train steps, host loops, checkpoints and metric writing."""

@@ -1,0 +1,321 @@
+"""Training, early stopping and evaluation of SASRec; resumable.
+
+`train_and_evaluate(config, workdir)` is the whole experiment; the absl entry
+point `experiments/train_sasrec.py` and notebooks call it. The workdir holds:
+
+  config.json      the config (a resumed run must use the same one)
+  checkpoints/     orbax: train state, best parameters, iterator and early-
+                   stopping state, one checkpoint per evaluated epoch
+  metrics.jsonl    per-epoch train loss and valid metrics (process 0)
+  results.json     {"valid": {...}, "test": {...}} of the best-valid params
+
+Resume order: the latest checkpoint in `<workdir>/checkpoints`, else a fresh
+initialisation from `config.seed`. Data order (grain iterator state), dropout
+keys (`fold_in(seed, step)`) and early stopping are all restored, so a run
+that is killed and re-run with the same command ends with the same numbers as
+one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from taiji_jax import data as data_lib
+from taiji_jax import sharding
+from taiji_jax.data import pipeline
+from taiji_jax.evaluate import full_ranking
+from taiji_jax.models import sasrec
+from taiji_jax.train import checkpointing
+from taiji_jax.train import metric_writer
+from taiji_jax.train import workdir as workdir_lib
+
+
+def load_data(config: ml_collections.ConfigDict):
+  """Dataset and its leave-one-out split for a config."""
+  kwargs = dict(config.dataset.get("kwargs", {}) or {})
+  dataset = data_lib.load_dataset(
+      config.dataset.name, root=config.dataset.root or None, **kwargs)
+  return dataset, dataset.split_leave_one_out(config.max_len)
+
+
+def model_config(config: ml_collections.ConfigDict,
+                 num_items: int) -> sasrec.SASRecConfig:
+  return sasrec.SASRecConfig(
+      num_items=num_items, max_len=config.max_len, **config.model.to_dict())
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup and constant or cosine decay, grad clipping."""
+  t = config.train
+  warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+  if t.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(warmup, 1),
+                                            max(total_steps, warmup + 1))
+  elif t.schedule == "constant":
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.lr, max(warmup, 1)),
+         optax.constant_schedule(t.lr)], [max(warmup, 1)])
+  else:
+    raise ValueError(f"config.train.schedule must be 'cosine' or 'constant', "
+                     f"got {t.schedule!r}.")
+  chain = []
+  if t.grad_clip:
+    chain.append(optax.clip_by_global_norm(t.grad_clip))
+  chain.append(
+      optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+  return optax.chain(*chain)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything compiled for one run: model structure, steps, shardings."""
+  graphdef: Any
+  state: Any
+  state_shardings: Any
+  train_step: Any
+  eval_step: Any
+  copy_params: Any
+  put_batch: Any
+  mesh: Any
+
+
+def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
+          total_steps: int, mesh: jax.sharding.Mesh) -> Setup:
+  """Abstract init -> shardings -> sharded init and jitted steps."""
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  tx = make_optimizer(config, total_steps)
+
+  def init_state():
+    model = sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    params = nnx.state(model, nnx.Param)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32)
+    }
+
+  abstract_model = nnx.eval_shape(
+      lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0)))
+  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("SASRec must hold only parameters; found other state.")
+  del abstract_params
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+
+  def loss_fn(params, batch, rng):
+    model = nnx.merge(graphdef, params)
+    logits = model(
+        batch["inputs"], deterministic=False, rngs=nnx.Rngs(dropout=rng))
+    return sasrec.next_item_loss(logits, batch["targets"])
+
+  def train_step(state, batch, key):
+    rng = jax.random.fold_in(key, state["step"])
+    (loss, count), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "loss": loss,
+        "targets": count,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+    }
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": state["step"] + 1
+    }, metrics
+
+  def score_fn(params, histories):
+    return sasrec.score(nnx.merge(graphdef, params), histories)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def put_batch(batch):
+    return {
+        k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim, rules,
+                                                    v.shape))
+        for k, v in batch.items()
+    }
+
+  jit_train = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, None, replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+  eval_step = jax.jit(
+      full_ranking.make_eval_step(score_fn, config.eval.ks,
+                                  config.eval.mask_history))
+  copy_params = jax.jit(
+      lambda p: jax.tree.map(jnp.copy, p),
+      out_shardings=state_shardings["params"])
+  return Setup(graphdef, state, state_shardings, jit_train, eval_step,
+               copy_params, put_batch, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: os.PathLike | str) -> dict[str, Any]:
+  """Trains SASRec with early stopping on valid; returns results.json."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_or_check_config(workdir, config)
+  dataset, split = load_data(config)
+  logging.info("dataset %s from %s: %s", dataset.name, dataset.source,
+               dataset.statistics())
+  windows = pipeline.training_windows(split["train"]["sequences"],
+                                      config.max_len, config.window_stride)
+  batch_size = config.train.batch_size
+  steps_per_epoch = -(-len(windows["inputs"]) // batch_size)
+  total_steps = steps_per_epoch * config.train.num_epochs
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  setup = build(config, model_config(config, dataset.num_items), total_steps,
+                mesh)
+  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
+  batches = pipeline.train_batches(windows, batch_size, config.seed,
+                                   config.train.num_epochs)
+  iterator = iter(batches.to_iter_dataset())
+  key = jax.random.key(config.seed)
+  metric_key = f"valid/{config.eval.early_stop_metric}"
+
+  state = setup.state
+  best_params = setup.copy_params(state["params"])
+  meta = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0,
+          "done": False}
+  if ckpt.latest_step() is not None:
+    abstract = checkpointing.abstract_like(
+        {"state": state, "best_params": best_params},
+        {"state": setup.state_shardings,
+         "best_params": setup.state_shardings["params"]})
+    restored, meta = ckpt.restore(abstract)
+    state, best_params = restored["state"], restored["best_params"]
+    iterator.set_state(meta.pop("data_iter"))
+    logging.info("resumed from %s at epoch %d (step %d)", ckpt.directory,
+                 meta["epoch"], int(state["step"]))
+  step = int(state["step"])  # host copy, to avoid a device sync per step
+  writer = metric_writer.MetricWriter(workdir, resume_step=step)
+
+  def evaluate(params, part):
+    return full_ranking.evaluate(setup.eval_step, params, split[part],
+                                 config.eval.batch_size, setup.put_batch)
+
+  progress = tqdm.trange(
+      meta["epoch"], config.train.num_epochs, initial=meta["epoch"],
+      total=config.train.num_epochs, desc=f"sasrec {dataset.name}",
+      unit="epoch", disable=meta["done"] or not config.progress_bar)
+  with sharding.use_mesh(mesh, tuple(tuple(r) for r in config.sharding_rules)):
+    for epoch in progress:
+      t0 = time.perf_counter()
+      losses = []
+      for _ in range(steps_per_epoch):
+        _maybe_inject_fault(step)
+        batch = setup.put_batch(next(iterator))
+        state, step_metrics = setup.train_step(state, batch, key)
+        losses.append(step_metrics["loss"])
+        step += 1
+      losses = np.asarray(jax.device_get(losses))
+      if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"non-finite training loss at epoch {epoch + 1}, step {step}: "
+            f"{losses.tolist()}; lower config.train.lr or check the data.")
+      record = {"epoch": epoch + 1, "train/loss": float(losses.mean()),
+                "train/epoch_seconds": time.perf_counter() - t0}
+      evaluated = (epoch + 1) % config.eval.every_epochs == 0 or (
+          epoch + 1 == config.train.num_epochs)
+      if evaluated:
+        valid = evaluate(state["params"], "valid")
+        record.update({f"valid/{k}": v for k, v in valid.items()})
+        if record[metric_key] > meta["best"]:
+          meta.update(best=record[metric_key], best_epoch=epoch + 1,
+                      bad_evals=0)
+          best_params = setup.copy_params(state["params"])
+        else:
+          meta["bad_evals"] += 1
+      meta["epoch"] = epoch + 1
+      meta["done"] = (meta["epoch"] == config.train.num_epochs or
+                      meta["bad_evals"] >= config.train.patience)
+      writer.write(step, record)
+      progress.set_postfix(loss=f"{record['train/loss']:.3f}",
+                           best=f"{meta['best']:.4f}")
+      if evaluated or meta["done"]:
+        ckpt.save(step, {"state": state, "best_params": best_params},
+                  dict(meta, data_iter=iterator.get_state()))
+      if meta["done"]:
+        break
+    progress.close()
+    results = {
+        "valid": evaluate(best_params, "valid"),
+        "test": evaluate(best_params, "test"),
+        "best_epoch": meta["best_epoch"],
+        "epochs_run": meta["epoch"],
+        "steps": int(state["step"]),
+        "dataset": {"name": dataset.name, "source": dataset.source,
+                    **dataset.statistics()},
+        "split": split["counts"],
+        "mask_history": bool(config.eval.mask_history),
+    }
+  ckpt.close()
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(workdir / "results.json", results)
+  return results
+
+
+def _maybe_inject_fault(step: int) -> None:
+  """Hard-kills the process before `step` if TAIJI_FAULT_KILL_AT_STEP says so.
+
+  Used by the resume test to simulate a crash or preemption mid-epoch: no
+  cleanup runs, exactly as with `kill -9`.
+  """
+  target = os.environ.get("TAIJI_FAULT_KILL_AT_STEP")
+  if target is not None and step == int(target):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_scorer(workdir: os.PathLike | str):
+  """Loads a trained SASRec from a workdir for use as a reward model.
+
+  Returns:
+    (model, dataset_config_dict): the NNX model with the best-valid
+    parameters; call `sasrec.score(model, histories, items)`.
+  """
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(
+      json.loads((workdir / "config.json").read_text()))
+  dataset, _ = load_data(config)
+  model_cfg = model_config(config, dataset.num_items)
+  model = nnx.eval_shape(lambda: sasrec.SASRec(model_cfg,
+                                               rngs=nnx.Rngs(params=0)))
+  graphdef, abstract_params = nnx.split(model, nnx.Param)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: device, abstract_params)
+  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
+  # Restore only best_params: build a partial abstract tree via full restore.
+  tx = make_optimizer(config, 1)
+  abstract_state = jax.eval_shape(lambda p: {
+      "params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)
+  }, abstract_params)
+  abstract = checkpointing.abstract_like(
+      {"state": abstract_state, "best_params": abstract_params},
+      {"state": jax.tree.map(lambda _: device, abstract_state),
+       "best_params": shardings})
+  restored, _ = ckpt.restore(abstract)
+  ckpt.close()
+  return nnx.merge(graphdef, restored["best_params"]), config
