@@ -10,7 +10,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from taiji_jax import distributed
+from taiji_jax import launch
 from taiji_jax.train import sasrec_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize()
+  launch.setup()
   sasrec_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from typing import Callable, Mapping, Sequence
 
 from absl import logging
@@ -192,7 +193,13 @@ def extract_zip(archive: pathlib.Path, members: Mapping[str, str],
                 dest: pathlib.Path) -> None:
   """CRC-tests a zip, then extracts member path -> file name in dest."""
   with zipfile.ZipFile(archive) as z:
-    bad = z.testzip()
+    try:
+      bad = z.testzip()
+    except (zlib.error, EOFError) as e:
+      # testzip only reports CRC mismatches; damaged deflate data raises.
+      raise parsing.DataError(
+          f"{archive}: cannot decompress ({type(e).__name__}: {e}); corrupt "
+          "or truncated archive") from None
     if bad is not None:
       raise parsing.DataError(f"{archive}: member {bad} fails its CRC check "
                               "(corrupt or truncated archive)")

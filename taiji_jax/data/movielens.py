@@ -66,7 +66,8 @@ OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin",
                   "technician/engineer", "tradesman/craftsman", "unemployed",
                   "writer")
 _PLACEHOLDERS = ("", "unknown", "unkonwn")
-_TITLE_YEAR = re.compile(r"^(.*\S)\s+\((\d{4})\)\s*$")
+# "Name (1995)", also "Name (1995) (V)" (video; ml-100k item 1412).
+_TITLE_YEAR = re.compile(r"^(.*\S)\s+\((\d{4})\)(?:\s+\(V\))?\s*$")
 ITEM_FIELDS = ("title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation", "zip_code")
 
@@ -155,7 +156,9 @@ def _ml100k_raw(directory, source) -> dataset_lib.Dataset:
           f"{flags!r}.")
     title, year = _split_title(fields[1])
     date = fields[2].strip()
-    if date:
+    if year is None and date:
+      # The title's year, as in RecBole's files; release dates are often
+      # later (e.g. "Kolya (1996)|24-Jan-1997"; RecBole says 1996).
       year = parsing.to_int(date[-4:], path, line, "release date")
     genres = tuple(
         g for g, f in zip(GENRES_100K, flags) if f == "1" and g != "unknown")

@@ -1,0 +1,31 @@
+r"""The default end-to-end pipeline on MovieLens-100k (`make run`).
+
+  .venv/bin/python experiments/pipeline.py --config configs/ml100k.py \
+      --workdir runs/ml100k
+
+Stages (each into `runs/ml100k/<stage>/` with its own results.json):
+  popularity  MostPop reference (seconds)
+  sasrec      SASRec, configs/ml100k_sasrec.py (see the README for its time
+              and test numbers on 2 CPU cores)
+
+`:smoke` runs every stage on the synthetic dataset in seconds. Override any
+stage field, e.g. `--config.sasrec.train.lr=3e-4`.
+"""
+
+import pathlib
+
+import ml_collections
+
+from taiji_jax import config_lib
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, smoke=False)
+  c = ml_collections.ConfigDict()
+  c.stages = ("popularity", "sasrec")
+  c.report_ks = (5, 10, 20)
+  c.sasrec = config_lib.load_config_file(_HERE / "ml100k_sasrec.py",
+                                         "smoke" if arg.smoke else None)
+  return c.lock()

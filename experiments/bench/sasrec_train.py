@@ -1,0 +1,107 @@
+r"""Benchmarks SASRec training: wall time, examples/s, peak memory.
+
+  .venv/bin/python experiments/bench/sasrec_train.py --workdir runs/bench
+
+Times `--epochs` epochs of the given config's training step (no evaluation)
+after a warm-up step that includes compilation, and the full-ranking eval
+over the valid split. Writes `<workdir>/sasrec_train.json` and prints a
+markdown row for the README. Peak memory is the process's maximum resident
+set size (host RAM; on CPU that includes the arrays) and, where the backend
+reports it, the device's peak bytes in use.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from taiji_jax import launch
+from taiji_jax import sharding
+from taiji_jax.data import pipeline
+from taiji_jax.evaluate import full_ranking
+from taiji_jax.train import sasrec_trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/ml100k_sasrec.py", "SASRec config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Output directory.")
+_EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs.")
+
+
+def main(argv):
+  del argv
+  launch.setup()
+  config = _CONFIG.value
+  dataset, split = sasrec_trainer.load_data(config)
+  windows = pipeline.training_windows(split["train"]["sequences"],
+                                      config.max_len, config.window_stride)
+  batch_size = config.train.batch_size
+  steps = -(-len(windows["inputs"]) // batch_size)
+  targets_per_epoch = int((windows["targets"] > 0).sum())
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  t0 = time.perf_counter()
+  setup = sasrec_trainer.build(
+      config, sasrec_trainer.model_config(config, dataset.num_items),
+      steps * _EPOCHS.value, mesh)
+  it = iter(
+      pipeline.train_batches(windows, batch_size, config.seed,
+                             _EPOCHS.value + 1).to_iter_dataset())
+  key = jax.random.key(0)
+  state = setup.state
+  with sharding.use_mesh(mesh, rules):
+    state, m = setup.train_step(state, setup.put_batch(next(it)), key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    epoch_times = []
+    for _ in range(_EPOCHS.value):
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, m = setup.train_step(state, setup.put_batch(next(it)), key)
+      jax.block_until_ready(m)
+      epoch_times.append(time.perf_counter() - start)
+    full_ranking.evaluate(setup.eval_step, state["params"], split["valid"],
+                          config.eval.batch_size, setup.put_batch)
+    start = time.perf_counter()
+    full_ranking.evaluate(setup.eval_step, state["params"], split["valid"],
+                          config.eval.batch_size, setup.put_batch)
+    eval_s = time.perf_counter() - start
+  epoch_s = float(np.median(epoch_times))
+  stats = jax.devices()[0].memory_stats() or {}
+  result = {
+      "dataset": dataset.name,
+      "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
+      "host": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores",
+      "batch_size": batch_size,
+      "steps_per_epoch": steps,
+      "compile_and_first_step_s": round(compile_s, 2),
+      "epoch_s_median": round(epoch_s, 3),
+      "windows_per_s": round(steps * batch_size / epoch_s, 1),
+      "target_items_per_s": round(targets_per_epoch / epoch_s, 1),
+      "valid_eval_s": round(eval_s, 3),
+      "peak_rss_mib": round(
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "device_peak_mib": (round(stats["peak_bytes_in_use"] / 2**20, 1)
+                          if "peak_bytes_in_use" in stats else None),
+      "jax": jax.__version__,
+  }
+  out = pathlib.Path(_WORKDIR.value)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "sasrec_train.json").write_text(json.dumps(result, indent=2) + "\n")
+  print(json.dumps(result, indent=2))
+  print(f"| {result['device']} | {batch_size} | {result['epoch_s_median']} | "
+        f"{result['windows_per_s']} | {result['target_items_per_s']} | "
+        f"{result['compile_and_first_step_s']} | {result['valid_eval_s']} | "
+        f"{result['peak_rss_mib']} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
