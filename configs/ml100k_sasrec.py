@@ -9,8 +9,9 @@ Variants: `:smoke` (synthetic data, tiny model, a few seconds on CPU);
 `:dataset=ml-1m`. Any field can be overridden, e.g.
 `--config.train.lr=3e-4 --config.model.dropout=0.3`.
 
-The hyper-parameters below were chosen on the valid split (see the README's
-results table for the measured test numbers and the tuning runs).
+The hyper-parameters below were chosen on the valid split among the runs
+listed in the README (lr, dropout, schedule); the epoch budget keeps `make
+run` within 10 minutes on 2 CPU cores (about 6 s per epoch there).
 """
 
 import ml_collections
@@ -43,15 +44,15 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
-  c.train.num_epochs = 200
-  c.train.lr = 1e-3
+  c.train.num_epochs = 40
+  c.train.lr = 2e-3
   c.train.schedule = "constant"  # or "cosine"
   c.train.warmup_steps = 100
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
-  c.train.patience = 20  # evaluations without valid improvement.
+  c.train.patience = 10  # evaluations without valid improvement.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)

@@ -2,9 +2,13 @@
 
 import logging as py_logging
 import os
+from typing import Any, Callable
 
+from absl import app
+from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
 
 
 class _DropLibraryInfo(py_logging.Filter):
@@ -28,3 +32,25 @@ def setup() -> None:
     jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d", jax.process_index(),
                  jax.process_count())
+
+
+def entry_point(run: Callable[[Any, str], Any], default_config: str,
+                doc: str = "Experiment config.") -> None:
+  """The whole body of a thin absl entry point.
+
+  Defines `--config` (an ml_collections config file, locked, so a misspelt
+  override is an error) and the required `--workdir`, then runs
+  `run(config, workdir)` after `setup()`.
+  """
+  config = config_flags.DEFINE_config_file(
+      "config", default_config, doc, lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Experiment directory.")
+  flags.mark_flags_as_required(["workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup()
+    run(config.value, workdir.value)
+
+  app.run(main)

@@ -12,9 +12,13 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from taiji_jax import config_lib
+from taiji_jax.evaluate import metrics
+from taiji_jax.models import sasrec
+from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,6 +86,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   assert _records(straight) == _records(killed)
   # The smoke model learns the planted structure: far above chance (~0.2).
   assert a["test"]["recall@10"] > 0.5, a["test"]
+
+  # The trained model loads as a preference scorer for the RL stage, and
+  # its scores reproduce the run's own test metric.
+  model, config = sasrec_trainer.load_scorer(straight)
+  _, split = sasrec_trainer.load_data(config)
+  test = split["test"]
+  scores = np.asarray(sasrec.score(model, test["histories"]))
+  assert scores.shape == (len(test["targets"]), config.dataset.kwargs.num_items
+                          + 1)
+  topk, _ = metrics.full_sort_topk(scores, test["seen_items"], k=10)
+  recall = metrics.ranking_metrics(topk, test["targets"], (10,))["recall@10"]
+  np.testing.assert_allclose(recall.mean(), a["test"]["recall@10"], rtol=1e-6)
 
   # Re-running a finished run only re-evaluates and reproduces the results.
   again = subprocess.run(
