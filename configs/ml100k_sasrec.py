@@ -44,7 +44,7 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
-  c.train.num_epochs = 40
+  c.train.num_epochs = 50
   c.train.lr = 2e-3
   c.train.schedule = "constant"  # or "cosine"
   c.train.warmup_steps = 100
@@ -52,7 +52,8 @@ def get_config(arg=None):
   c.train.b2 = 0.98
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
-  c.train.patience = 10  # evaluations without valid improvement.
+  c.train.patience = 15  # evaluations without valid improvement.
+  c.train.checkpoint_every_epochs = 5
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)
@@ -77,5 +78,6 @@ def get_config(arg=None):
     c.train.num_epochs = 6
     c.train.warmup_steps = 5
     c.train.patience = 100
+    c.train.checkpoint_every_epochs = 1
     c.eval.batch_size = 32
   return c.lock()

@@ -5,7 +5,8 @@ point `experiments/train_sasrec.py` and notebooks call it. The workdir holds:
 
   config.json      the config (a resumed run must use the same one)
   checkpoints/     orbax: train state, best parameters, iterator and early-
-                   stopping state, one checkpoint per evaluated epoch
+                   stopping state, every `checkpoint_every_epochs` evaluated
+                   epochs and at the end
   metrics.jsonl    per-epoch train loss and valid metrics (process 0)
   results.json     {"valid": {...}, "test": {...}} of the best-valid params
 
@@ -261,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       writer.write(step, record)
       progress.set_postfix(loss=f"{record['train/loss']:.3f}",
                            best=f"{meta['best']:.4f}")
-      if evaluated or meta["done"]:
+      if (evaluated and meta["epoch"] % config.train.checkpoint_every_epochs
+          == 0) or meta["done"]:
         ckpt.save(step, {"state": state, "best_params": best_params},
                   dict(meta, data_iter=iterator.get_state()))
       if meta["done"]:
