@@ -68,8 +68,14 @@ def get_config(arg=None):
   if arg.smoke:
     c.dataset.name = "synthetic"
     c.dataset.kwargs = ml_collections.ConfigDict(
-        dict(num_users=64, num_items=48, num_clusters=4, min_len=6,
-             max_len=20, drift=0.1, seed=arg.seed))
+        dict(
+            num_users=64,
+            num_items=48,
+            num_clusters=4,
+            min_len=6,
+            max_len=20,
+            drift=0.1,
+            seed=arg.seed))
     c.max_len = c.window_stride = 10
     c.model.embed_dim = 16
     c.model.mlp_dim = 32

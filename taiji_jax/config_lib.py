@@ -41,8 +41,8 @@ def load_config_file(path: str | pathlib.Path,
                      arg: str | None = None) -> ml_collections.ConfigDict:
   """Imports a config file by path and calls its `get_config(arg)`."""
   path = pathlib.Path(path)
-  spec = importlib.util.spec_from_file_location(
-      f"taiji_config_{path.stem}", path)
+  spec = importlib.util.spec_from_file_location(f"taiji_config_{path.stem}",
+                                                path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"cannot import config file {path}.")
   module = importlib.util.module_from_spec(spec)

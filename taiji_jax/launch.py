@@ -34,7 +34,8 @@ def setup() -> None:
                  jax.process_count())
 
 
-def entry_point(run: Callable[[Any, str], Any], default_config: str,
+def entry_point(run: Callable[[Any, str], Any],
+                default_config: str,
                 doc: str = "Experiment config.") -> None:
   """The whole body of a thin absl entry point.
 

@@ -37,13 +37,13 @@ def run_popularity(config: ml_collections.ConfigDict,
           baselines.constant_score_fn(scores), config.eval.ks,
           config.eval.mask_history))
   results = {
-      part: full_ranking.evaluate(step, None, split[part],
-                                  config.eval.batch_size)
+      part:
+          full_ranking.evaluate(step, None, split[part], config.eval.batch_size)
       for part in ("valid", "test")
   }
   results["mask_history"] = bool(config.eval.mask_history)
-  metric_writer.write_json_atomic(pathlib.Path(workdir) / "results.json",
-                                  results)
+  metric_writer.write_json_atomic(
+      pathlib.Path(workdir) / "results.json", results)
   return results
 
 
@@ -81,13 +81,12 @@ def run(config: ml_collections.ConfigDict,
 def format_table(summary: dict[str, Any], ks=(5, 10, 20)) -> str:
   """A fixed-width table of test Recall/NDCG per stage."""
   names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
-  header = f"{'model':<12}" + "".join(f"{n:>11}" for n in names) + (
-      f"{'seconds':>10}")
+  header = f"{'model':<12}" + "".join(
+      f"{n:>11}" for n in names) + (f"{'seconds':>10}")
   lines = [header, "-" * len(header)]
   for stage, result in summary.items():
     test = result["test"]
-    lines.append(f"{stage:<12}" + "".join(f"{test[n]:>11.4f}"
-                                          for n in names) +
+    lines.append(f"{stage:<12}" + "".join(f"{test[n]:>11.4f}" for n in names) +
                  f"{result['seconds']:>10.1f}")
   users = next(iter(summary.values()))["test"]["num_users"]
   lines.append(f"(test split, {users} users, full ranking over all items)")

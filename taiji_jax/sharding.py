@@ -160,7 +160,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
   return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
-def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None,
+def data_sharding(mesh: Mesh,
+                  ndim: int,
+                  rules: Rules | None = None,
                   shape: Sequence[int] | None = None) -> NamedSharding:
   """Sharding of a batch array: leading axis on the `batch` rule."""
   axes = ("batch",) + (None,) * (ndim - 1)

@@ -42,18 +42,29 @@ META = [
         "title": "Men's Face Wash",  # repr writes this in double quotes.
         "price": 12.5,
         "imUrl": "http://ecx.images-amazon.com/images/I/1.jpg",
-        "related": {"also_bought": ["B2", "B9"], "bought_together": ["B2"]},
-        "salesRank": {"Beauty": 12},
+        "related": {
+            "also_bought": ["B2", "B9"],
+            "bought_together": ["B2"]
+        },
+        "salesRank": {
+            "Beauty": 12
+        },
         "brand": "Acme",
         "categories": [["Beauty", "Skin Care", "Face"], ["Beauty", "Men"]],
     },
     {
         "asin": "B2",
         "title": "Lip Balm",
-        "salesRank": {"Beauty": 7},
+        "salesRank": {
+            "Beauty": 7
+        },
         "categories": [["Beauty", "Makeup", "Lips"]],
     },
-    {"asin": "B9", "title": "Never Reviewed", "categories": [["Beauty"]]},
+    {
+        "asin": "B9",
+        "title": "Never Reviewed",
+        "categories": [["Beauty"]]
+    },
     {
         "asin": "B3",
         "price": 3.0,
@@ -185,15 +196,14 @@ def test_mixed_compression_accepted_and_gzip_preferred(tmp_path):
   assert data.source.endswith(": reviews_Beauty_5.json.gz, meta_Beauty.json")
   assert data.report["reviews_read"] == 2
   (tmp_path / "reviews_Beauty_5.json.gz").unlink()
-  assert amazon.load_amazon("beauty", root=tmp_path).report[
-      "reviews_read"] == 6
+  assert amazon.load_amazon("beauty", root=tmp_path).report["reviews_read"] == 6
 
 
 def test_data_dir_and_download_source(tmp_path, monkeypatch):
   monkeypatch.setenv("TAIJI_CACHE_DIR", str(tmp_path / "cache"))
   monkeypatch.setenv("TAIJI_DATA_DIR", str(tmp_path / "data"))
-  _fixture(tmp_path / "data" / "amazon-Toys_and_Games",
-           category="Toys_and_Games")
+  _fixture(
+      tmp_path / "data" / "amazon-Toys_and_Games", category="Toys_and_Games")
   assert amazon.load_amazon("toys").num_interactions == 6
 
   urls = []
@@ -242,16 +252,16 @@ def test_bad_reviews(tmp_path, gz, reviews, expected):
 
 
 @pytest.mark.parametrize("meta, expected", [
-    ([repr(META[0]), "{'asin': 'B2', 'title': 'Lip"],
-     r"meta_Beauty\.json\.gz:2: not a JSON/Python record"),
-    ([repr({"title": "No asin"})],
-     r"meta_Beauty\.json\.gz:1: missing required key 'asin'"),
-    ([repr(dict(META[0], categories=["Beauty", "Face"]))],
-     r"meta_Beauty\.json\.gz:1: field 'categories' must be a list of lists"),
+    ([repr(META[0]), "{'asin': 'B2', 'title': 'Lip"
+     ], r"meta_Beauty\.json\.gz:2: not a JSON/Python record"),
+    ([repr({"title": "No asin"})
+     ], r"meta_Beauty\.json\.gz:1: missing required key 'asin'"),
+    ([repr(dict(META[0], categories=["Beauty", "Face"]))
+     ], r"meta_Beauty\.json\.gz:1: field 'categories' must be a list of lists"),
     ([repr(dict(META[0], price="cheap"))],
      r"meta_Beauty\.json\.gz:1: field 'price' must be a number, got 'cheap'"),
-    ([repr(dict(META[0], title=["x"]))],
-     r"meta_Beauty\.json\.gz:1: field 'title' must be a string"),
+    ([repr(dict(META[0], title=["x"]))
+     ], r"meta_Beauty\.json\.gz:1: field 'title' must be a string"),
 ])
 def test_bad_metadata(tmp_path, meta, expected):
   _fixture(tmp_path, meta=meta)
@@ -267,8 +277,8 @@ def test_duplicate_metadata_first_row_wins(tmp_path):
   assert data.item_features["title"][1] == "Men's Face Wash"
 
 
-@pytest.mark.parametrize("name", ["reviews_Beauty_5.json.gz",
-                                  "meta_Beauty.json.gz"])
+@pytest.mark.parametrize("name",
+                         ["reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"])
 def test_empty_file(tmp_path, name):
   _fixture(tmp_path)
   (tmp_path / name).write_bytes(b"")
@@ -279,20 +289,21 @@ def test_empty_file(tmp_path, name):
 def test_empty_gzip_member(tmp_path):
   _fixture(tmp_path)
   (tmp_path / "meta_Beauty.json.gz").write_bytes(gzip.compress(b""))
-  with pytest.raises(parsing.DataError,
-                     match=r"meta_Beauty\.json\.gz: no records found"):
+  with pytest.raises(
+      parsing.DataError, match=r"meta_Beauty\.json\.gz: no records found"):
     amazon.load_amazon("beauty", root=tmp_path)
 
 
-@pytest.mark.parametrize("name", ["reviews_Beauty_5.json.gz",
-                                  "meta_Beauty.json.gz"])
+@pytest.mark.parametrize("name",
+                         ["reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"])
 def test_truncated_gzip(tmp_path, name):
   _fixture(tmp_path)
   path = tmp_path / name
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2])
-  with pytest.raises(parsing.DataError,
-                     match=rf"{name}: cannot read past line \d+ \(EOFError"):
+  with pytest.raises(
+      parsing.DataError,
+      match=rf"{name}: cannot read past line \d+ \(EOFError"):
     amazon.load_amazon("beauty", root=tmp_path)
 
 
@@ -300,9 +311,10 @@ def test_truncated_plain_json(tmp_path):
   reviews, _ = _fixture(tmp_path, gz=False)
   data = reviews.read_bytes()
   reviews.write_bytes(data[:len(data) - 30])
-  with pytest.raises(parsing.DataError,
-                     match=r"reviews_Beauty_5\.json:6: not a JSON/Python "
-                     r"record"):
+  with pytest.raises(
+      parsing.DataError,
+      match=r"reviews_Beauty_5\.json:6: not a JSON/Python "
+      r"record"):
     amazon.load_amazon("beauty", root=tmp_path)
 
 
@@ -310,9 +322,10 @@ def test_not_gzip(tmp_path):
   _fixture(tmp_path)
   path = tmp_path / "reviews_Beauty_5.json.gz"
   path.write_bytes(gzip.decompress(path.read_bytes()))
-  with pytest.raises(parsing.DataError,
-                     match=r"reviews_Beauty_5\.json\.gz: cannot read past "
-                     r"line 0 \(BadGzipFile"):
+  with pytest.raises(
+      parsing.DataError,
+      match=r"reviews_Beauty_5\.json\.gz: cannot read past "
+      r"line 0 \(BadGzipFile"):
     amazon.load_amazon("beauty", root=tmp_path)
 
 

@@ -35,6 +35,7 @@ def _writer(label, calls, files=None):
 
 
 def _failing(label, calls, error):
+
   def fetch_fn(dest):
     calls.append(label)
     (dest / "a.txt").write_bytes(b"partial")
@@ -53,8 +54,8 @@ def _directory(path, files=None):
 def test_explicit_root_wins(tmp_path):
   root = _directory(tmp_path / "mine")
   calls = []
-  path, description = fetch.resolve("toy", list(FILES), [_writer("A", calls)],
-                                    root=root)
+  path, description = fetch.resolve(
+      "toy", list(FILES), [_writer("A", calls)], root=root)
   assert path == root
   assert description == f"local directory {root}"
   assert calls == []
@@ -113,7 +114,10 @@ def test_first_working_source_is_used(tmp_path):
   calls = []
   sources = [
       _writer("A", calls),
-      _writer("B", calls, {"a.txt": b"other\n", "b.txt": b"other\n"})
+      _writer("B", calls, {
+          "a.txt": b"other\n",
+          "b.txt": b"other\n"
+      })
   ]
   path, description = fetch.resolve("toy", list(FILES), sources)
   assert calls == ["A"]
@@ -176,7 +180,9 @@ def test_cache_manifest_and_reuse(tmp_path):
   manifest = json.loads((path / fetch.MANIFEST).read_text())
   assert manifest == {
       "source": "source A",
-      "sha256": {n: hashlib.sha256(c).hexdigest() for n, c in FILES.items()},
+      "sha256": {
+          n: hashlib.sha256(c).hexdigest() for n, c in FILES.items()
+      },
   }
   again, description = fetch.resolve("toy", list(FILES), [_writer("B", calls)])
   assert again == path
@@ -216,11 +222,14 @@ def test_pinned_digest(tmp_path):
   calls = []
   good = hashlib.sha256(FILES["a.txt"]).hexdigest()
   sources = [
-      _writer("A", calls, {"a.txt": b"alpha?\n", "b.txt": b"beta\n"}),
+      _writer("A", calls, {
+          "a.txt": b"alpha?\n",
+          "b.txt": b"beta\n"
+      }),
       _writer("B", calls),
   ]
-  path, description = fetch.resolve("toy", list(FILES), sources,
-                                    pinned={"a.txt": good})
+  path, description = fetch.resolve(
+      "toy", list(FILES), sources, pinned={"a.txt": good})
   assert calls == ["A", "B"]
   assert description.startswith("source B")
   assert (path / "a.txt").read_bytes() == FILES["a.txt"]
@@ -228,8 +237,8 @@ def test_pinned_digest(tmp_path):
 
 def test_pinned_digest_mismatch_everywhere(tmp_path):
   with pytest.raises(parsing.DataError) as e:
-    fetch.resolve("toy", list(FILES), [_writer("A", [])],
-                  pinned={"b.txt": "0" * 64})
+    fetch.resolve(
+        "toy", list(FILES), [_writer("A", [])], pinned={"b.txt": "0" * 64})
   assert "b.txt: SHA-256" in str(e.value)
   assert "does not match the pinned " + "0" * 64 in str(e.value)
 
@@ -273,15 +282,17 @@ def _data_offset(archive, name):
   return start + 30 + name_len + extra_len, info.compress_size
 
 
-PAYLOAD = b"".join(b"%d\t%d\t3\t88125%04d\n" % (u, u * 7, u)
-                   for u in range(1, 400))
+PAYLOAD = b"".join(
+    b"%d\t%d\t3\t88125%04d\n" % (u, u * 7, u) for u in range(1, 400))
 
 
 def test_extract_zip(tmp_path):
   archive = tmp_path / "d.zip"
   archive.write_bytes(
-      _zip_bytes({"ml/u.data": PAYLOAD, "ml/u.item": b"item\n"},
-                 zipfile.ZIP_DEFLATED))
+      _zip_bytes({
+          "ml/u.data": PAYLOAD,
+          "ml/u.item": b"item\n"
+      }, zipfile.ZIP_DEFLATED))
   out = tmp_path / "out"
   out.mkdir()
   fetch.extract_zip(archive, {"ml/u.data": "u.data"}, out)
@@ -289,15 +300,18 @@ def test_extract_zip(tmp_path):
   assert sorted(p.name for p in out.iterdir()) == ["u.data"]
 
 
-@pytest.mark.parametrize("compression, corrupt", [
-    # Stored data with a flipped byte: only the CRC check notices.
-    (zipfile.ZIP_STORED, "flip"),
-    # Deflated data with a flipped byte: decodes to wrong bytes or fails.
-    (zipfile.ZIP_DEFLATED, "flip"),
-    # Deflated data whose first block header is invalid (BTYPE=11): zlib
-    # fails before any CRC is computed.
-    (zipfile.ZIP_DEFLATED, "block"),
-], ids=["stored-flip", "deflated-flip", "deflated-block"])
+@pytest.mark.parametrize(
+    "compression, corrupt",
+    [
+        # Stored data with a flipped byte: only the CRC check notices.
+        (zipfile.ZIP_STORED, "flip"),
+        # Deflated data with a flipped byte: decodes to wrong bytes or fails.
+        (zipfile.ZIP_DEFLATED, "flip"),
+        # Deflated data whose first block header is invalid (BTYPE=11): zlib
+        # fails before any CRC is computed.
+        (zipfile.ZIP_DEFLATED, "block"),
+    ],
+    ids=["stored-flip", "deflated-flip", "deflated-block"])
 def test_extract_zip_rejects_corrupt_member(tmp_path, compression, corrupt):
   data = _zip_bytes({"ml/u.item": b"ok\n", "ml/u.data": PAYLOAD}, compression)
   offset, size = _data_offset(data, "ml/u.data")
@@ -385,8 +399,8 @@ def test_zip_source_end_to_end(tmp_path):
   path, description = fetch.resolve("toy", ["u.data"], sources)
   assert description.startswith(f"zip {(tmp_path / 'good.zip').as_uri()}")
   assert (path / "u.data").read_bytes() == PAYLOAD
-  assert sorted(p.name for p in path.iterdir()) == ["taiji_manifest.json",
-                                                   "u.data"]
+  assert sorted(
+      p.name for p in path.iterdir()) == ["taiji_manifest.json", "u.data"]
 
 
 def test_file_source_end_to_end(tmp_path):
@@ -401,5 +415,5 @@ def test_file_source_end_to_end(tmp_path):
 
 def test_cache_root_default(monkeypatch):
   monkeypatch.delenv("TAIJI_CACHE_DIR")
-  assert fetch.cache_root() == (pathlib.Path.home() / ".cache" / "taiji_jax" /
-                                "datasets")
+  assert fetch.cache_root() == (
+      pathlib.Path.home() / ".cache" / "taiji_jax" / "datasets")

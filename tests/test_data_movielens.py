@@ -89,8 +89,8 @@ ITEM_RAW = [PAD, "242", "302", "377", "267", "1412", "543"]
 INTER_USERS = [1, 1, 1, 2, 2, 3, 3, 4]
 INTER_ITEMS = [3, 1, 4, 2, 1, 5, 3, 6]
 INTER_TIMES = [
-    878887116, 881250949, 881250949, 891717742, 891717742, 878887000,
-    878887116, 880606923
+    878887116, 881250949, 881250949, 891717742, 891717742, 878887000, 878887116,
+    880606923
 ]
 INTER_RATINGS = [1, 3, 2, 3, 4, 5, 1, 2]
 TITLES = (None, "Kolya", "L.A. Confidential", "Heavyweights", None,
@@ -98,8 +98,8 @@ TITLES = (None, "Kolya", "L.A. Confidential", "Heavyweights", None,
           "Misérables, Les")
 YEARS = (None, 1996, 1997, 1994, None, 1995, 1995)
 GENRES = (None, ("Comedy",), ("Crime", "Film-Noir", "Mystery", "Thriller"),
-          ("Children's", "Comedy"), (), ("Animation", "Children's"),
-          ("Drama", "Musical"))
+          ("Children's", "Comedy"), (), ("Animation",
+                                         "Children's"), ("Drama", "Musical"))
 
 
 def _raw_dir(root: pathlib.Path) -> pathlib.Path:
@@ -119,10 +119,12 @@ def _atomic_dir(root: pathlib.Path) -> pathlib.Path:
 
 
 def test_genre_order_is_the_grouplens_order():
-  assert movielens.GENRES_100K == (
-      "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
-      "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror",
-      "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+  assert movielens.GENRES_100K == ("unknown", "Action", "Adventure",
+                                   "Animation", "Children's", "Comedy", "Crime",
+                                   "Documentary", "Drama", "Fantasy",
+                                   "Film-Noir", "Horror", "Musical", "Mystery",
+                                   "Romance", "Sci-Fi", "Thriller", "War",
+                                   "Western")
   assert len(U_ITEM[0].split("|")) == 24
 
 
@@ -151,7 +153,7 @@ def test_ml100k_interactions_and_ids(tmp_path, layout):
   assert ds.inter_times.dtype == np.int64
   assert ds.inter_ratings.dtype == np.float32
   assert [list(s) for s in ds.sequences()] == [[], [3, 1, 4], [2, 1], [5, 3],
-                                              [6]]
+                                               [6]]
   assert (ds.num_users, ds.num_items, ds.num_interactions) == (4, 6, 8)
 
 
@@ -163,8 +165,7 @@ def test_ml100k_item_and_user_features(tmp_path, layout):
   assert ds.item_features["title"] == TITLES
   assert ds.item_features["year"] == YEARS
   assert ds.item_features["genres"] == GENRES
-  assert tuple(ds.user_features) == ("age", "gender", "occupation",
-                                     "zip_code")
+  assert tuple(ds.user_features) == ("age", "gender", "occupation", "zip_code")
   assert ds.user_features["age"] == (None, 49, 39, 25, 28)
   assert ds.user_features["gender"] == (None, "M", "F", "M", "M")
   assert ds.user_features["occupation"] == (None, "writer", "executive",
@@ -205,9 +206,10 @@ def test_ml100k_raw_year_is_the_title_year(tmp_path):
   ds = movielens.load_ml100k(root)
   assert ds.item_features["year"][1] == 1996  # "Kolya (1996)|24-Jan-1997".
   # Without a year in the title, the release date's year is used.
-  _write(root / "u.item",
-         ["242|Kolya|24-Jan-1997||url|" + _flags("Comedy")] + U_ITEM[1:],
-         encoding="latin-1")
+  _write(
+      root / "u.item",
+      ["242|Kolya|24-Jan-1997||url|" + _flags("Comedy")] + U_ITEM[1:],
+      encoding="latin-1")
   ds = movielens.load_ml100k(root)
   assert ds.item_features["title"][1] == "Kolya"
   assert ds.item_features["year"][1] == 1997
@@ -241,8 +243,8 @@ def test_ml100k_prefers_raw_layout_when_both_present(tmp_path):
 
 def test_ml100k_counts_duplicates_and_missing_metadata(tmp_path):
   root = _raw_dir(tmp_path)
-  _write(root / "u.data", U_DATA + ["196\t242\t5\t891000000",
-                                    "7\t9999\t1\t891000001"])
+  _write(root / "u.data",
+         U_DATA + ["196\t242\t5\t891000000", "7\t9999\t1\t891000001"])
   ds = movielens.load_ml100k(root)
   assert ds.report["duplicate_user_item_interactions"] == 1
   assert ds.report["items_without_metadata"] == 1
@@ -302,25 +304,25 @@ def test_ml1m_loads(tmp_path):
   assert list(ds.item_raw_ids) == [PAD, "1193", "661", "914", "3408", "73"]
   np.testing.assert_array_equal(ds.inter_users, [1, 1, 1, 2, 3, 3, 4, 5])
   np.testing.assert_array_equal(ds.inter_items, [1, 3, 2, 1, 5, 4, 4, 2])
-  np.testing.assert_array_equal(
-      ds.inter_times, [978300760, 978300760, 978302109, 978298413, 978300100,
-                       978300275, 978300000, 978300000])
+  np.testing.assert_array_equal(ds.inter_times, [
+      978300760, 978300760, 978302109, 978298413, 978300100, 978300275,
+      978300000, 978300000
+  ])
   np.testing.assert_array_equal(ds.inter_ratings, [5, 3, 3, 4, 2, 4, 2, 1])
   assert ds.item_features["title"] == (None, "One Flew Over the Cuckoo's Nest",
                                        "James and the Giant Peach",
                                        "My Fair Lady", "Erin Brockovich",
                                        "Misérables, Les")
   assert ds.item_features["year"] == (None, 1975, 1996, 1964, 2000, 1995)
-  assert ds.item_features["genres"][2] == ("Animation", "Children's",
-                                           "Musical")
+  assert ds.item_features["genres"][2] == ("Animation", "Children's", "Musical")
   assert ds.report["ratings_read"] == 8
   assert ds.report["movies_read"] == 5
 
 
 def test_ml1m_decodes_age_and_occupation(tmp_path):
   ds = movielens.load_ml1m(_ml1m_dir(tmp_path))
-  assert ds.user_features["age"] == (None, "Under 18", "56+", "25-34",
-                                     "45-49", "18-24")
+  assert ds.user_features["age"] == (None, "Under 18", "56+", "25-34", "45-49",
+                                     "18-24")
   assert ds.user_features["occupation"] == (None, "K-12 student",
                                             "self-employed", "scientist",
                                             "writer", "other")
@@ -355,25 +357,24 @@ def _replace(lines, index, line):
 
 # (layout, file, lines, text that must be in the message besides the path).
 BAD_INPUTS = {
-    "wrong_field_count": ("raw", "u.data",
-                          _replace(U_DATA, 2, "196\t377\t1"),
+    "wrong_field_count": ("raw", "u.data", _replace(U_DATA, 2, "196\t377\t1"),
                           ":3: expected 4 fields"),
     "wrong_field_count_item": ("raw", "u.item",
                                _replace(U_ITEM, 1, "302|L.A. (1997)|x"),
                                ":2: expected 24 fields"),
-    "bad_genre_flag": ("raw", "u.item",
-                       _replace(U_ITEM, 0, U_ITEM[0][:-1] + "2"),
+    "bad_genre_flag": ("raw", "u.item", _replace(U_ITEM, 0,
+                                                 U_ITEM[0][:-1] + "2"),
                        ":1: genre flags must be 0/1"),
-    "missing_atomic_column": (
-        "atomic", "ml-100k.inter",
-        _replace(ATOMIC_INTER, 0, "user_id:token\titem_id:token\t"
-                 "timestamp:float"), ":1: header"),
-    "untyped_atomic_header": (
-        "atomic", "ml-100k.user",
-        _replace(ATOMIC_USER, 0, "user_id\tage\tgender\toccupation\tzip_code"),
-        ":1: header"),
-    "header_only": ("atomic", "ml-100k.item", ATOMIC_ITEM[:1],
-                    "found 0 data rows"),
+    "missing_atomic_column":
+        ("atomic", "ml-100k.inter",
+         _replace(ATOMIC_INTER, 0, "user_id:token\titem_id:token\t"
+                  "timestamp:float"), ":1: header"),
+    "untyped_atomic_header":
+        ("atomic", "ml-100k.user",
+         _replace(ATOMIC_USER, 0,
+                  "user_id\tage\tgender\toccupation\tzip_code"), ":1: header"),
+    "header_only":
+        ("atomic", "ml-100k.item", ATOMIC_ITEM[:1], "found 0 data rows"),
     "non_numeric_timestamp": ("raw", "u.data",
                               _replace(U_DATA, 1, "186\t302\t3\t89171x742"),
                               ":2: field 'timestamp' must be an integer, got "
@@ -401,8 +402,8 @@ BAD_INPUTS = {
 def test_ml100k_bad_input(tmp_path, case):
   layout, name, lines, expected = BAD_INPUTS[case]
   root = (_raw_dir if layout == "raw" else _atomic_dir)(tmp_path)
-  _write(root / name, lines, encoding="latin-1" if name == "u.item" else
-         "utf-8")
+  _write(
+      root / name, lines, encoding="latin-1" if name == "u.item" else "utf-8")
   with pytest.raises(parsing.DataError) as e:
     movielens.load_ml100k(root)
   assert str(root / name) in str(e.value)
@@ -418,12 +419,15 @@ def test_ml100k_empty_file(tmp_path, name):
   assert str(root / name) in str(e.value)
 
 
-@pytest.mark.parametrize("cut, expected", [
-    # Cut inside the last field: the field count is still right, only the
-    # missing newline shows the truncation.
-    ("244\t543\t2\t88060", "last line '244\\t543\\t2\\t88060' has no newline"),
-    ("244\t54", ":8: expected 4 fields"),
-])
+@pytest.mark.parametrize(
+    "cut, expected",
+    [
+        # Cut inside the last field: the field count is still right, only the
+        # missing newline shows the truncation.
+        ("244\t543\t2\t88060",
+         "last line '244\\t543\\t2\\t88060' has no newline"),
+        ("244\t54", ":8: expected 4 fields"),
+    ])
 def test_ml100k_truncated_file(tmp_path, cut, expected):
   root = _raw_dir(tmp_path)
   text = "".join(line + "\n" for line in U_DATA[:-1]) + cut

@@ -127,8 +127,11 @@ def test_split_rejects_bad_max_len(ds):
 def test_split_follows_time_not_file_order():
   # One user whose file lists items newest first; "c" and "b" tie in time.
   ds = dataset_lib.Dataset.from_interactions(
-      name="toy", source="test", raw_users=["x"] * 5,
-      raw_items=["e", "d", "c", "b", "a"], times=[50, 40, 30, 30, 10])
+      name="toy",
+      source="test",
+      raw_users=["x"] * 5,
+      raw_items=["e", "d", "c", "b", "a"],
+      times=[50, 40, 30, 30, 10])
   assert list(ds.item_raw_ids[1:]) == ["e", "d", "c", "b", "a"]
   np.testing.assert_array_equal(ds.sequences()[1], [5, 3, 4, 2, 1])
   split = ds.split_leave_one_out(max_len=3)
@@ -142,8 +145,11 @@ def test_split_follows_time_not_file_order():
 
 def test_split_without_evaluated_users():
   ds = dataset_lib.Dataset.from_interactions(
-      name="toy", source="test", raw_users=["x", "x", "y"],
-      raw_items=["a", "b", "a"], times=[1, 2, 3])
+      name="toy",
+      source="test",
+      raw_users=["x", "x", "y"],
+      raw_items=["a", "b", "a"],
+      times=[1, 2, 3])
   split = ds.split_leave_one_out(max_len=4)
   for part in ("valid", "test"):
     assert split[part]["histories"].shape == (0, 4)
@@ -153,16 +159,23 @@ def test_split_without_evaluated_users():
 
 def test_from_interactions_rejects_bad_columns():
   with pytest.raises(ValueError, match="no interactions"):
-    dataset_lib.Dataset.from_interactions(name="toy", source="t",
-                                          raw_users=[], raw_items=[], times=[])
+    dataset_lib.Dataset.from_interactions(
+        name="toy", source="t", raw_users=[], raw_items=[], times=[])
   with pytest.raises(ValueError, match="differ in length"):
-    dataset_lib.Dataset.from_interactions(name="toy", source="t",
-                                          raw_users=["a"],
-                                          raw_items=["x", "y"], times=[1, 2])
+    dataset_lib.Dataset.from_interactions(
+        name="toy",
+        source="t",
+        raw_users=["a"],
+        raw_items=["x", "y"],
+        times=[1, 2])
   with pytest.raises(ValueError, match="differ in length"):
-    dataset_lib.Dataset.from_interactions(name="toy", source="t",
-                                          raw_users=["a"], raw_items=["x"],
-                                          times=[1], ratings=[1.0, 2.0])
+    dataset_lib.Dataset.from_interactions(
+        name="toy",
+        source="t",
+        raw_users=["a"],
+        raw_items=["x"],
+        times=[1],
+        ratings=[1.0, 2.0])
 
 
 def test_statistics(ds):
@@ -269,8 +282,8 @@ def _table(num_rows, width=3):
                                                   (7, 1)])
 def test_train_batches_are_epoch_aligned(num_rows, batch_size):
   epochs = 3
-  ds = pipeline.train_batches(_table(num_rows), batch_size, seed=0,
-                              num_epochs=epochs)
+  ds = pipeline.train_batches(
+      _table(num_rows), batch_size, seed=0, num_epochs=epochs)
   per_epoch = -(-num_rows // batch_size)
   batches = list(ds)
   assert len(ds) == len(batches) == per_epoch * epochs
@@ -293,6 +306,7 @@ def test_train_batches_are_epoch_aligned(num_rows, batch_size):
 
 
 def test_train_batches_seeded():
+
   def order(seed):
     ds = pipeline.train_batches(_table(10), 4, seed=seed, num_epochs=2)
     return [_rows(b) for b in ds]

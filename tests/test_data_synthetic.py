@@ -26,8 +26,8 @@ def test_deterministic_given_seed(default):
   again = synthetic.make_synthetic()
   other = synthetic.make_synthetic(seed=1)
   for field in ARRAYS:
-    np.testing.assert_array_equal(getattr(default, field),
-                                  getattr(again, field))
+    np.testing.assert_array_equal(
+        getattr(default, field), getattr(again, field))
   np.testing.assert_array_equal(default.inter_ratings, again.inter_ratings)
   assert default.item_features == again.item_features
   assert default.user_features == again.user_features
@@ -53,8 +53,8 @@ def test_sizes_and_metadata(default):
   clusters = synthetic.item_cluster(default)
   assert clusters.shape == (301,) and clusters[0] == -1
   assert sorted(np.bincount(clusters[1:])) == [50] * 6
-  small = synthetic.make_synthetic(num_users=3, num_items=40, num_clusters=4,
-                                   min_len=3, max_len=3)
+  small = synthetic.make_synthetic(
+      num_users=3, num_items=40, num_clusters=4, min_len=3, max_len=3)
   assert small.num_users == 3 and small.num_interactions == 9
   assert small.num_items + small.report[
       "metadata_items_without_interactions"] == 40
@@ -123,20 +123,46 @@ def test_ring_successor_beats_popularity(default):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_users": 0}, "num_users must be >= 1, got 0"),
-    ({"num_items": 0}, "num_items must be >= 1, got 0"),
-    ({"num_clusters": 301}, r"num_clusters must be in \[1, num_items=300\], "
+    ({
+        "num_users": 0
+    }, "num_users must be >= 1, got 0"),
+    ({
+        "num_items": 0
+    }, "num_items must be >= 1, got 0"),
+    ({
+        "num_clusters": 301
+    }, r"num_clusters must be in \[1, num_items=300\], "
      "got 301"),
-    ({"num_clusters": 0}, "num_clusters must be in"),
-    ({"min_len": 2}, "min_len must be >= 3, got 2"),
-    ({"max_len": 7}, "max_len must be >= min_len=8, got 7"),
-    ({"drift": -0.1}, r"drift must be a number in \[0, 1\], got -0.1"),
-    ({"drift": 1.5}, r"drift must be a number in \[0, 1\], got 1.5"),
-    ({"drift": float("nan")}, "drift must be a number"),
-    ({"drift": "0.1"}, "drift must be a number"),
-    ({"seed": -1}, "seed must be >= 0, got -1"),
-    ({"num_users": 2.5}, "num_users must be an integer, got 2.5"),
-    ({"min_len": True}, "min_len must be an integer, got True"),
+    ({
+        "num_clusters": 0
+    }, "num_clusters must be in"),
+    ({
+        "min_len": 2
+    }, "min_len must be >= 3, got 2"),
+    ({
+        "max_len": 7
+    }, "max_len must be >= min_len=8, got 7"),
+    ({
+        "drift": -0.1
+    }, r"drift must be a number in \[0, 1\], got -0.1"),
+    ({
+        "drift": 1.5
+    }, r"drift must be a number in \[0, 1\], got 1.5"),
+    ({
+        "drift": float("nan")
+    }, "drift must be a number"),
+    ({
+        "drift": "0.1"
+    }, "drift must be a number"),
+    ({
+        "seed": -1
+    }, "seed must be >= 0, got -1"),
+    ({
+        "num_users": 2.5
+    }, "num_users must be an integer, got 2.5"),
+    ({
+        "min_len": True
+    }, "min_len must be an integer, got True"),
 ])
 def test_argument_validation(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -144,8 +170,8 @@ def test_argument_validation(kwargs, message):
 
 
 def test_one_cluster_and_numpy_arguments():
-  data = synthetic.make_synthetic(num_users=np.int64(5), num_items=7,
-                                  num_clusters=1, drift=0.5)
+  data = synthetic.make_synthetic(
+      num_users=np.int64(5), num_items=7, num_clusters=1, drift=0.5)
   assert data.num_users == 5
   assert set(synthetic.item_cluster(data)[1:]) == {0}
 
@@ -164,9 +190,9 @@ def test_leave_one_out_split(default):
     assert not test["histories"][row, :10 - len(history)].any()
     assert test["targets"][row] == seqs[u][-1]
     assert split["valid"]["targets"][row] == seqs[u][-2]
-  assert all(len(s) == len(seqs[u]) - 2
-             for u, s in zip(split["train"]["users"],
-                             split["train"]["sequences"]))
+  assert all(
+      len(s) == len(seqs[u]) - 2
+      for u, s in zip(split["train"]["users"], split["train"]["sequences"]))
 
 
 def test_load_dataset_dispatch():

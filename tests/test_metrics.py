@@ -107,8 +107,12 @@ def test_padding_rows_and_padding_slots():
 
 
 def test_duplicate_items_only_first_occurrence_counts():
-  topk = [_row([5, 5, 5]), _row([2, 5, 5, 5]), _row([2, 2, 5]),
-          _row([3, 1, 3, 2, 1])]
+  topk = [
+      _row([5, 5, 5]),
+      _row([2, 5, 5, 5]),
+      _row([2, 2, 5]),
+      _row([3, 1, 3, 2, 1])
+  ]
   out = _rank(topk, [5, 5, 5, 2])
   for row, rank in ((0, 1), (1, 2), (2, 3), (3, 4)):
     for name, value in _expected(rank).items():

@@ -31,12 +31,12 @@ def test_popularity_stage_matches_a_direct_computation(tmp_path):
   test = split["test"]
   hits = []
   for seen, target in zip(test["seen_items"], test["targets"]):
-    order = sorted(range(1, dataset.num_items + 1),
-                   key=lambda i: (-counts[i], i))
+    order = sorted(
+        range(1, dataset.num_items + 1), key=lambda i: (-counts[i], i))
     ranked = [i for i in order if i not in set(seen.tolist())][:10]
     hits.append(target in ranked)
-  np.testing.assert_allclose(results["test"]["recall@10"], np.mean(hits),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      results["test"]["recall@10"], np.mean(hits), rtol=1e-6)
   assert results["test"]["num_users"] == len(test["targets"])
 
 
@@ -52,8 +52,14 @@ def test_format_table_lists_each_stage():
   row = {f"{m}@{k}": 0.5 for m in ("recall", "ndcg") for k in (5, 10, 20)}
   row["num_users"] = 7
   text = pipeline.format_table({
-      "popularity": {"test": row, "seconds": 1.0},
-      "sasrec": {"test": row, "seconds": 2.0}
+      "popularity": {
+          "test": row,
+          "seconds": 1.0
+      },
+      "sasrec": {
+          "test": row,
+          "seconds": 2.0
+      }
   })
   lines = text.splitlines()
   assert lines[0].split()[:3] == ["model", "recall@5", "recall@10"]

@@ -59,9 +59,8 @@ def test_left_padding_and_window_length_do_not_change_last_position():
   model = _model()
   items = jnp.asarray([[3, 9, 27, 4, 11]], jnp.int32)
   long = jnp.zeros((1, 11), jnp.int32).at[:, 6:].set(items)
-  np.testing.assert_allclose(_apply(model, items)[:, -1],
-                             _apply(model, long)[:, -1],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      _apply(model, items)[:, -1], _apply(model, long)[:, -1], atol=1e-5)
 
 
 def test_too_long_sequence_is_an_error():
@@ -101,7 +100,8 @@ def test_score_all_items_and_candidates_agree_with_logits():
   per_user = jnp.asarray(np.random.default_rng(4).integers(1, 48, (4, 6)))
   np.testing.assert_allclose(
       sasrec.score(model, x, per_user),
-      jnp.take_along_axis(last, per_user, 1), atol=1e-5)
+      jnp.take_along_axis(last, per_user, 1),
+      atol=1e-5)
 
 
 def test_dropout_is_stochastic_only_in_training():
@@ -128,11 +128,22 @@ def _trainer_config(mesh):
   c.seed = 0
   c.max_len = 11
   c.model = ml_collections.ConfigDict(
-      dict(embed_dim=14, num_layers=2, num_heads=2, mlp_dim=22, dropout=0.1,
-           attn_dropout=0.1))
+      dict(
+          embed_dim=14,
+          num_layers=2,
+          num_heads=2,
+          mlp_dim=22,
+          dropout=0.1,
+          attn_dropout=0.1))
   c.train = ml_collections.ConfigDict(
-      dict(lr=1e-2, schedule="constant", warmup_steps=1, b1=0.9, b2=0.98,
-           weight_decay=0.01, grad_clip=1.0))
+      dict(
+          lr=1e-2,
+          schedule="constant",
+          warmup_steps=1,
+          b1=0.9,
+          b2=0.98,
+          weight_decay=0.01,
+          grad_clip=1.0))
   c.eval = ml_collections.ConfigDict(dict(ks=(5, 10), mask_history=True))
   c.mesh = ml_collections.ConfigDict(mesh)
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
@@ -170,10 +181,10 @@ def test_sharded_train_step_matches_single_device():
     with sharding.use_mesh(multi.mesh):
       m_state, m_metrics = multi.train_step(m_state, multi.put_batch(batch),
                                             key)
-    np.testing.assert_allclose(s_metrics["loss"], m_metrics["loss"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(s_metrics["loss"], m_metrics["loss"], rtol=1e-5)
   chex.assert_trees_all_close(
-      jax.device_get(s_state["params"]), jax.device_get(m_state["params"]),
+      jax.device_get(s_state["params"]),
+      jax.device_get(m_state["params"]),
       atol=2e-5)
   assert int(m_state["step"]) == 2
 

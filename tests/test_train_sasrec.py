@@ -57,24 +57,31 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   # The uninterrupted run and the run that will be killed run concurrently.
   first = subprocess.Popen(
-      _command(straight), env=_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      _command(straight),
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True)
   # Smoke: 6 steps per epoch; step 15 is mid-epoch 3, after the epoch-2
   # checkpoint, so the resumed run must redo steps 12..14.
   crash = subprocess.run(
-      _command(killed), env=_env(TAIJI_FAULT_KILL_AT_STEP="15"),
-      capture_output=True, text=True, timeout=300)
+      _command(killed),
+      env=_env(TAIJI_FAULT_KILL_AT_STEP="15"),
+      capture_output=True,
+      text=True,
+      timeout=300)
   out, _ = first.communicate(timeout=300)
   assert first.returncode == 0, out[-3000:]
   assert crash.returncode == -signal.SIGKILL, crash.stderr[-3000:]
   assert not (killed / "results.json").exists()
-  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir()
-                 if p.name.isdigit())
+  steps = sorted(
+      int(p.name)
+      for p in (killed / "checkpoints").iterdir()
+      if p.name.isdigit())
   assert steps and max(steps) == 12, steps
 
   resumed = subprocess.run(
-      _command(killed), env=_env(), capture_output=True, text=True,
-      timeout=300)
+      _command(killed), env=_env(), capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
 
@@ -93,19 +100,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   _, split = sasrec_trainer.load_data(config)
   test = split["test"]
   scores = np.asarray(sasrec.score(model, test["histories"]))
-  assert scores.shape == (len(test["targets"]), config.dataset.kwargs.num_items
-                          + 1)
+  assert scores.shape == (len(test["targets"]),
+                          config.dataset.kwargs.num_items + 1)
   topk, _ = metrics.full_sort_topk(scores, test["seen_items"], k=10)
   recall = metrics.ranking_metrics(topk, test["targets"], (10,))["recall@10"]
   np.testing.assert_allclose(recall.mean(), a["test"]["recall@10"], rtol=1e-6)
 
   # Re-running a finished run only re-evaluates and reproduces the results.
   again = subprocess.run(
-      _command(straight), env=_env(), capture_output=True, text=True,
+      _command(straight),
+      env=_env(),
+      capture_output=True,
+      text=True,
       timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert json.loads((straight / "results.json").read_text())["test"] == a[
-      "test"]
+  assert json.loads(
+      (straight / "results.json").read_text())["test"] == a["test"]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
@@ -121,15 +131,18 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 def test_misspelt_config_override_is_an_error(tmp_path):
   bad = subprocess.run(
-      _command(tmp_path, "--config.train.learning_rate=1e-3"), env=_env(),
-      capture_output=True, text=True, timeout=120)
+      _command(tmp_path, "--config.train.learning_rate=1e-3"),
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=120)
   assert bad.returncode != 0
   assert "learning_rate" in bad.stderr
 
 
 def test_config_arguments_are_typed_and_checked():
-  arg = config_lib.parse_arg("smoke,seed=3", smoke=False, seed=0,
-                             dataset="ml-100k")
+  arg = config_lib.parse_arg(
+      "smoke,seed=3", smoke=False, seed=0, dataset="ml-100k")
   assert arg.smoke is True and arg.seed == 3 and arg.dataset == "ml-100k"
   with pytest.raises(ValueError, match="unknown config argument 'sed'"):
     config_lib.parse_arg("sed=3", seed=0)

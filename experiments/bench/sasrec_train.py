@@ -20,8 +20,8 @@ import time
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from taiji_jax import launch
 from taiji_jax import sharding
@@ -76,22 +76,34 @@ def main(argv):
   epoch_s = float(np.median(epoch_times))
   stats = jax.devices()[0].memory_stats() or {}
   result = {
-      "dataset": dataset.name,
-      "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
-      "host": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores",
-      "batch_size": batch_size,
-      "steps_per_epoch": steps,
-      "compile_and_first_step_s": round(compile_s, 2),
-      "epoch_s_median": round(epoch_s, 3),
-      "windows_per_s": round(steps * batch_size / epoch_s, 1),
-      "target_items_per_s": round(targets_per_epoch / epoch_s, 1),
-      "valid_eval_s": round(eval_s, 3),
-      "peak_rss_mib": round(
-          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "device_peak_mib": (round(stats["peak_bytes_in_use"] / 2**20, 1)
-                          if "peak_bytes_in_use" in stats else None),
-      "jax": jax.__version__,
+      "dataset":
+          dataset.name,
+      "device":
+          f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
+      "host":
+          f"{platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores",
+      "batch_size":
+          batch_size,
+      "steps_per_epoch":
+          steps,
+      "compile_and_first_step_s":
+          round(compile_s, 2),
+      "epoch_s_median":
+          round(epoch_s, 3),
+      "windows_per_s":
+          round(steps * batch_size / epoch_s, 1),
+      "target_items_per_s":
+          round(targets_per_epoch / epoch_s, 1),
+      "valid_eval_s":
+          round(eval_s, 3),
+      "peak_rss_mib":
+          round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "device_peak_mib":
+          (round(stats["peak_bytes_in_use"] /
+                 2**20, 1) if "peak_bytes_in_use" in stats else None),
+      "jax":
+          jax.__version__,
   }
   out = pathlib.Path(_WORKDIR.value)
   out.mkdir(parents=True, exist_ok=True)

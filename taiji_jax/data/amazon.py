@@ -60,8 +60,7 @@ def file_names(category: str) -> tuple[str, str]:
 
 
 def load_amazon(category: str,
-                root: os.PathLike | str | None = None
-               ) -> dataset_lib.Dataset:
+                root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
   """Loads one category of the 2014 Amazon 5-core data.
 
   Files are looked up as described in `fetch.resolve`, under the dataset
@@ -149,8 +148,9 @@ def _first_present(directory: pathlib.Path,
   raise parsing.DataError(f"{directory}: none of {list(names)} is present.")
 
 
-def _read_records(path: pathlib.Path, required: Sequence[str]
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_records(
+    path: pathlib.Path,
+    required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
   """`parsing.read_json_lines`, with unreadable input made a DataError.
 
   A truncated or corrupt gzip file raises EOFError, zlib.error or
@@ -195,10 +195,10 @@ def _item_row(record: dict[str, Any], path: pathlib.Path,
               line: int) -> dict[str, Any]:
   """Title, brand, first category path and price of one metadata record."""
   paths = record.get("categories")
-  if paths is not None and not (
-      isinstance(paths, list) and all(
-          isinstance(p, list) and all(isinstance(c, str) for c in p)
-          for p in paths)):
+  if paths is not None and not (isinstance(paths, list) and all(
+      isinstance(p, list) and all(isinstance(c, str)
+                                  for c in p)
+      for p in paths)):
     raise parsing.DataError(
         f"{parsing.where(path, line)}: field 'categories' must be a list of "
         f"lists of strings, got {paths!r}.")

@@ -114,8 +114,8 @@ class Dataset:
     n = len(raw_items)
     if n == 0:
       raise ValueError(f"{name}: no interactions were read ({source}).")
-    if len(raw_users) != n or len(times) != n or (
-        ratings is not None and len(ratings) != n):
+    if len(raw_users) != n or len(times) != n or (ratings is not None and
+                                                  len(ratings) != n):
       raise ValueError(
           f"{name}: interaction columns differ in length: users="
           f"{len(raw_users)}, items={n}, times={len(times)}, ratings="
@@ -123,8 +123,9 @@ class Dataset:
     user_raw, users = _factorize(raw_users)
     item_raw, items = _factorize(raw_items)
     times = np.asarray(times, dtype=np.int64)
-    ratings = (np.full(n, np.nan, np.float32) if ratings is None else
-               np.asarray(ratings, dtype=np.float32))
+    ratings = (
+        np.full(n, np.nan, np.float32) if ratings is None else np.asarray(
+            ratings, dtype=np.float32))
     # Stable lexicographic sort by (user, time): ties keep file order.
     order = np.lexsort((times, users))
     report = dict(report or {})
@@ -156,8 +157,8 @@ class Dataset:
 
   def sequences(self) -> list[np.ndarray]:
     """Each user's items in time order; index u is user u (index 0 empty)."""
-    bounds = np.searchsorted(self.inter_users,
-                             np.arange(self.num_users + 2), side="left")
+    bounds = np.searchsorted(
+        self.inter_users, np.arange(self.num_users + 2), side="left")
     return [
         self.inter_items[bounds[u]:bounds[u + 1]]
         for u in range(self.num_users + 1)
@@ -178,8 +179,7 @@ class Dataset:
         "users": self.num_users,
         "items": self.num_items,
         "interactions": self.num_interactions,
-        "density": self.num_interactions /
-                   (self.num_users * self.num_items),
+        "density": self.num_interactions / (self.num_users * self.num_items),
         "avg_seq_len": float(lengths.mean()),
         "min_seq_len": int(lengths.min()),
         "max_seq_len": int(lengths.max()),
@@ -250,8 +250,8 @@ class Dataset:
     return out
 
 
-def _eval_part(seqs: list[np.ndarray], users: list[int],
-               positions: list[int], max_len: int) -> dict[str, np.ndarray]:
+def _eval_part(seqs: list[np.ndarray], users: list[int], positions: list[int],
+               max_len: int) -> dict[str, np.ndarray]:
   """Histories/targets/seen items for the target at `positions[i]`."""
   b = len(users)
   width = max(positions, default=0)

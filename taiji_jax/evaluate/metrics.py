@@ -83,9 +83,8 @@ def ranking_metrics(
   topk_items = jnp.asarray(topk_items)
   target = jnp.asarray(target)
   if topk_items.ndim != 2 or target.shape != topk_items.shape[:1]:
-    raise ValueError(
-        f"expected topk_items (B, K) and target (B,), got "
-        f"{topk_items.shape} and {target.shape}.")
+    raise ValueError(f"expected topk_items (B, K) and target (B,), got "
+                     f"{topk_items.shape} and {target.shape}.")
   num_slots = topk_items.shape[1]
   ks = _check_ks(ks, num_slots)
 
@@ -147,9 +146,8 @@ def full_sort_topk(
     scores = scores.astype(jnp.float32)
   if (scores.ndim != 2 or seen_items.ndim != 2 or
       seen_items.shape[0] != scores.shape[0]):
-    raise ValueError(
-        f"expected scores (B, N + 1) and seen_items (B, S), got "
-        f"{scores.shape} and {seen_items.shape}.")
+    raise ValueError(f"expected scores (B, N + 1) and seen_items (B, S), got "
+                     f"{scores.shape} and {seen_items.shape}.")
   num_columns = scores.shape[1]
   k = int(k)
   if not 1 <= k <= num_columns:
@@ -164,8 +162,8 @@ def full_sort_topk(
   masked = masked.at[rows, seen_items].set(neg_inf, mode="drop")  # (B, N+1)
   topk_scores, topk_items = jax.lax.top_k(masked, k)  # (B, k), (B, k)
   # Slots past the last unmasked item would hold masked ids: make them 0.
-  topk_items = jnp.where(
-      topk_scores == neg_inf, 0, topk_items).astype(jnp.int32)  # (B, k)
+  topk_items = jnp.where(topk_scores == neg_inf, 0,
+                         topk_items).astype(jnp.int32)  # (B, k)
   return topk_items, topk_scores
 
 

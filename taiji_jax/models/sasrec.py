@@ -71,9 +71,15 @@ class SASRecConfig:
   @classmethod
   def tiny(cls, num_items: int, max_len: int = 11) -> SASRecConfig:
     """Prime-number dims for fast shape-tracing tests."""
-    return cls(num_items=num_items, max_len=max_len, embed_dim=14,
-               num_layers=2, num_heads=2, mlp_dim=22, dropout=0.1,
-               attn_dropout=0.1)
+    return cls(
+        num_items=num_items,
+        max_len=max_len,
+        embed_dim=14,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=22,
+        dropout=0.1,
+        attn_dropout=0.1)
 
   @property
   def head_dim(self) -> int:
@@ -107,10 +113,9 @@ class CausalSelfAttention(nnx.Module):
     d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_dim
     self.w_qkv = _param(rngs, (3, d, n, h), (None, "embed", "heads", "kv"),
                         cfg.init_std)
-    self.b_qkv = nnx.Param(jnp.zeros((3, n, h)),
-                           logical_axes=(None, "heads", "kv"))
-    self.w_out = _param(rngs, (n, h, d), ("heads", "kv", "embed"),
-                        cfg.init_std)
+    self.b_qkv = nnx.Param(
+        jnp.zeros((3, n, h)), logical_axes=(None, "heads", "kv"))
+    self.w_out = _param(rngs, (n, h, d), ("heads", "kv", "embed"), cfg.init_std)
     self.b_out = nnx.Param(jnp.zeros((d,)), logical_axes=("embed",))
     self.attn_dropout = nnx.Dropout(cfg.attn_dropout)
 
@@ -161,8 +166,8 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_btd, valid_bt, *, deterministic, rngs):
-    h = self.attn(self.ln_attn(x_btd), valid_bt, deterministic=deterministic,
-                  rngs=rngs)
+    h = self.attn(
+        self.ln_attn(x_btd), valid_bt, deterministic=deterministic, rngs=rngs)
     x_btd = x_btd + self.dropout(h, deterministic=deterministic, rngs=rngs)
     h = self.mlp(self.ln_mlp(x_btd))
     x_btd = x_btd + self.dropout(h, deterministic=deterministic, rngs=rngs)
@@ -183,10 +188,13 @@ class SASRec(nnx.Module):
     self.ln_final = LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def hidden(self, items_bt: jax.Array, *, deterministic: bool = True,
+  def hidden(self,
+             items_bt: jax.Array,
+             *,
+             deterministic: bool = True,
              rngs: nnx.Rngs | None = None) -> jax.Array:
     """Hidden states (B, L, D) of right-aligned item sequences (B, L)."""
-    b, t = items_bt.shape
+    t = items_bt.shape[1]
     if t > self.cfg.max_len:
       raise ValueError(f"sequence length {t} exceeds max_len "
                        f"{self.cfg.max_len}.")
@@ -198,12 +206,14 @@ class SASRec(nnx.Module):
     x_btd = self.dropout(x_btd, deterministic=deterministic, rngs=rngs)
     x_btd = sharding.constrain(x_btd * valid_bt[..., None],
                                ("batch", "length", "embed"))
-    del b
     for block in self.blocks:
       x_btd = block(x_btd, valid_bt, deterministic=deterministic, rngs=rngs)
     return self.ln_final(x_btd)
 
-  def __call__(self, items_bt: jax.Array, *, deterministic: bool = True,
+  def __call__(self,
+               items_bt: jax.Array,
+               *,
+               deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Next-item logits (B, L, N + 1) at every position; column 0 = pad."""
     h_btd = self.hidden(items_bt, deterministic=deterministic, rngs=rngs)
@@ -211,7 +221,8 @@ class SASRec(nnx.Module):
     return sharding.constrain(logits_btv, ("batch", "length", "vocab"))
 
 
-def score(model: SASRec, histories_bt: jax.Array,
+def score(model: SASRec,
+          histories_bt: jax.Array,
           items: jax.Array | None = None) -> jax.Array:
   """Preference scores of items for users given their histories.
 
@@ -235,8 +246,8 @@ def score(model: SASRec, histories_bt: jax.Array,
   return jnp.einsum("bd,bnd->bn", h_bd, jnp.take(table, items, axis=0))
 
 
-def next_item_loss(logits_btv: jax.Array, targets_bt: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+def next_item_loss(logits_btv: jax.Array,
+                   targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean softmax cross-entropy over positions whose target is not 0.
 
   The padding item (column 0) is excluded from the softmax.

@@ -41,8 +41,9 @@ class Checkpoints:
         force=True)
     self._manager.wait_until_finished()
 
-  def restore(self, abstract_state: Any, step: int | None = None
-             ) -> tuple[Any, dict[str, Any]]:
+  def restore(self,
+              abstract_state: Any,
+              step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores (state, meta); `abstract_state` carries target shardings."""
     step = self.latest_step() if step is None else step
     if step is None:

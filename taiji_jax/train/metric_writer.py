@@ -21,7 +21,9 @@ class MetricWriter:
   file reads as if the run had never been interrupted.
   """
 
-  def __init__(self, workdir: os.PathLike | str, resume_step: int = 0,
+  def __init__(self,
+               workdir: os.PathLike | str,
+               resume_step: int = 0,
                filename: str = "metrics.jsonl"):
     self.path = pathlib.Path(workdir) / filename
     self.enabled = jax.process_index() == 0

@@ -69,17 +69,17 @@ def make_optimizer(config: ml_collections.ConfigDict,
     lr = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(warmup, 1),
                                             max(total_steps, warmup + 1))
   elif t.schedule == "constant":
-    lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, t.lr, max(warmup, 1)),
-         optax.constant_schedule(t.lr)], [max(warmup, 1)])
+    lr = optax.join_schedules([
+        optax.linear_schedule(0.0, t.lr, max(warmup, 1)),
+        optax.constant_schedule(t.lr)
+    ], [max(warmup, 1)])
   else:
     raise ValueError(f"config.train.schedule must be 'cosine' or 'constant', "
                      f"got {t.schedule!r}.")
   chain = []
   if t.grad_clip:
     chain.append(optax.clip_by_global_norm(t.grad_clip))
-  chain.append(
-      optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+  chain.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
   return optax.chain(*chain)
 
 
@@ -154,8 +154,9 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
 
   def put_batch(batch):
     return {
-        k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim, rules,
-                                                    v.shape))
+        k:
+            jax.device_put(v,
+                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
         for k, v in batch.items()
     }
 
@@ -175,8 +176,7 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
       lambda p: jax.tree.map(jnp.copy, p),
       out_shardings=state_shardings["params"])
   return Setup(graphdef, state, state_shardings, jit_train, eval_step,
-               other_eval_step,
-               copy_params, put_batch, mesh)
+               other_eval_step, copy_params, put_batch, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -205,13 +205,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   state = setup.state
   best_params = setup.copy_params(state["params"])
-  meta = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0,
-          "done": False}
+  meta = {
+      "epoch": 0,
+      "best": -1.0,
+      "best_epoch": 0,
+      "bad_evals": 0,
+      "done": False
+  }
   if ckpt.latest_step() is not None:
     abstract = checkpointing.abstract_like(
-        {"state": state, "best_params": best_params},
-        {"state": setup.state_shardings,
-         "best_params": setup.state_shardings["params"]})
+        {
+            "state": state,
+            "best_params": best_params
+        }, {
+            "state": setup.state_shardings,
+            "best_params": setup.state_shardings["params"]
+        })
     restored, meta = ckpt.restore(abstract)
     state, best_params = restored["state"], restored["best_params"]
     iterator.set_state(meta.pop("data_iter"))
@@ -225,9 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                  config.eval.batch_size, setup.put_batch)
 
   progress = tqdm.trange(
-      meta["epoch"], config.train.num_epochs, initial=meta["epoch"],
-      total=config.train.num_epochs, desc=f"sasrec {dataset.name}",
-      unit="epoch", disable=meta["done"] or not config.progress_bar)
+      meta["epoch"],
+      config.train.num_epochs,
+      initial=meta["epoch"],
+      total=config.train.num_epochs,
+      desc=f"sasrec {dataset.name}",
+      unit="epoch",
+      disable=meta["done"] or not config.progress_bar)
   with sharding.use_mesh(mesh, tuple(tuple(r) for r in config.sharding_rules)):
     for epoch in progress:
       t0 = time.perf_counter()
@@ -243,47 +256,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         raise FloatingPointError(
             f"non-finite training loss at epoch {epoch + 1}, step {step}: "
             f"{losses.tolist()}; lower config.train.lr or check the data.")
-      record = {"epoch": epoch + 1, "train/loss": float(losses.mean()),
-                "train/epoch_seconds": time.perf_counter() - t0}
+      record = {
+          "epoch": epoch + 1,
+          "train/loss": float(losses.mean()),
+          "train/epoch_seconds": time.perf_counter() - t0
+      }
       evaluated = (epoch + 1) % config.eval.every_epochs == 0 or (
           epoch + 1 == config.train.num_epochs)
       if evaluated:
         valid = evaluate(state["params"], "valid")
         record.update({f"valid/{k}": v for k, v in valid.items()})
         if record[metric_key] > meta["best"]:
-          meta.update(best=record[metric_key], best_epoch=epoch + 1,
-                      bad_evals=0)
+          meta.update(
+              best=record[metric_key], best_epoch=epoch + 1, bad_evals=0)
           best_params = setup.copy_params(state["params"])
         else:
           meta["bad_evals"] += 1
       meta["epoch"] = epoch + 1
-      meta["done"] = (meta["epoch"] == config.train.num_epochs or
-                      meta["bad_evals"] >= config.train.patience)
+      meta["done"] = (
+          meta["epoch"] == config.train.num_epochs or
+          meta["bad_evals"] >= config.train.patience)
       writer.write(step, record)
-      progress.set_postfix(loss=f"{record['train/loss']:.3f}",
-                           best=f"{meta['best']:.4f}")
+      progress.set_postfix(
+          loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
       if (evaluated and meta["epoch"] % config.train.checkpoint_every_epochs
           == 0) or meta["done"]:
-        ckpt.save(step, {"state": state, "best_params": best_params},
-                  dict(meta, data_iter=iterator.get_state()))
+        ckpt.save(step, {
+            "state": state,
+            "best_params": best_params
+        }, dict(meta, data_iter=iterator.get_state()))
       if meta["done"]:
         break
     progress.close()
     results = {
-        "valid": evaluate(best_params, "valid"),
-        "test": evaluate(best_params, "test"),
-        "best_epoch": meta["best_epoch"],
-        "epochs_run": meta["epoch"],
-        "steps": int(state["step"]),
-        "dataset": {"name": dataset.name, "source": dataset.source,
-                    **dataset.statistics()},
-        "split": split["counts"],
-        "mask_history": bool(config.eval.mask_history),
+        "valid":
+            evaluate(best_params, "valid"),
+        "test":
+            evaluate(best_params, "test"),
+        "best_epoch":
+            meta["best_epoch"],
+        "epochs_run":
+            meta["epoch"],
+        "steps":
+            int(state["step"]),
+        "dataset": {
+            "name": dataset.name,
+            "source": dataset.source,
+            **dataset.statistics()
+        },
+        "split":
+            split["counts"],
+        "mask_history":
+            bool(config.eval.mask_history),
         # Test metrics under the other history-masking protocol.
-        ("test_history_unmasked" if config.eval.mask_history else
-         "test_history_masked"): full_ranking.evaluate(
-             setup.other_eval_step, best_params, split["test"],
-             config.eval.batch_size, setup.put_batch),
+        ("test_history_unmasked"
+         if config.eval.mask_history else "test_history_masked"):
+            full_ranking.evaluate(setup.other_eval_step, best_params,
+                                  split["test"], config.eval.batch_size,
+                                  setup.put_batch),
     }
   ckpt.close()
   if jax.process_index() == 0:
@@ -314,21 +344,28 @@ def load_scorer(workdir: os.PathLike | str):
       json.loads((workdir / "config.json").read_text()))
   dataset, _ = load_data(config)
   model_cfg = model_config(config, dataset.num_items)
-  model = nnx.eval_shape(lambda: sasrec.SASRec(model_cfg,
-                                               rngs=nnx.Rngs(params=0)))
+  model = nnx.eval_shape(
+      lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0)))
   graphdef, abstract_params = nnx.split(model, nnx.Param)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: device, abstract_params)
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
   # Restore only best_params: build a partial abstract tree via full restore.
   tx = make_optimizer(config, 1)
-  abstract_state = jax.eval_shape(lambda p: {
-      "params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)
-  }, abstract_params)
+  abstract_state = jax.eval_shape(
+      lambda p: {
+          "params": p,
+          "opt_state": tx.init(p),
+          "step": jnp.zeros((), jnp.int32)
+      }, abstract_params)
   abstract = checkpointing.abstract_like(
-      {"state": abstract_state, "best_params": abstract_params},
-      {"state": jax.tree.map(lambda _: device, abstract_state),
-       "best_params": shardings})
+      {
+          "state": abstract_state,
+          "best_params": abstract_params
+      }, {
+          "state": jax.tree.map(lambda _: device, abstract_state),
+          "best_params": shardings
+      })
   restored, _ = ckpt.restore(abstract)
   ckpt.close()
   return nnx.merge(graphdef, restored["best_params"]), config

@@ -25,8 +25,8 @@ def write_or_check_config(workdir: os.PathLike | str,
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if path.exists():
     saved, now = _flat(json.loads(path.read_text())), _flat(current)
-    diff = sorted(k for k in set(saved) | set(now)
-                  if saved.get(k) != now.get(k))
+    diff = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
       raise ValueError(
           f"{path} holds a different config (differs in {diff}); use a new "
