@@ -97,6 +97,7 @@ def test_score_all_items_and_candidates_agree_with_logits():
   cands = jnp.asarray([5, 1, 40])
   np.testing.assert_allclose(
       sasrec.score(model, x, cands), last[:, cands], atol=1e-5)
+  np.testing.assert_allclose(model.score(x, cands), last[:, cands], atol=1e-5)
   per_user = jnp.asarray(np.random.default_rng(4).integers(1, 48, (4, 6)))
   np.testing.assert_allclose(
       sasrec.score(model, x, per_user),

@@ -220,6 +220,12 @@ class SASRec(nnx.Module):
     logits_btv = jnp.einsum("btd,vd->btv", h_btd, self.item_embed[...])
     return sharding.constrain(logits_btv, ("batch", "length", "vocab"))
 
+  def score(self,
+            histories_bt: jax.Array,
+            items: jax.Array | None = None) -> jax.Array:
+    """`score(model, histories, items)` as a method; see the function."""
+    return score(self, histories_bt, items)
+
 
 def score(model: SASRec,
           histories_bt: jax.Array,
