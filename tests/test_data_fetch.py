@@ -8,10 +8,13 @@ import struct
 import urllib.request
 import zipfile
 
+import numpy as np
 import pytest
 
+from taiji_jax.data import dataset as dataset_lib
 from taiji_jax.data import fetch
 from taiji_jax.data import parsing
+from taiji_jax.data import synthetic
 
 FILES = {"a.txt": b"alpha\n", "b.txt": b"beta\n"}
 
@@ -417,3 +420,50 @@ def test_cache_root_default(monkeypatch):
   monkeypatch.delenv("TAIJI_CACHE_DIR")
   assert fetch.cache_root() == (
       pathlib.Path.home() / ".cache" / "taiji_jax" / "datasets")
+
+
+def test_dataset_save_load_round_trip(tmp_path):
+  original = synthetic.make_synthetic(num_users=20, num_items=30, seed=3)
+  original.save(tmp_path / "saved")
+  loaded = dataset_lib.Dataset.load(tmp_path / "saved")
+  assert loaded.name == original.name and loaded.source == original.source
+  for field in ("user_raw_ids", "item_raw_ids", "inter_users", "inter_items",
+                "inter_times"):
+    np.testing.assert_array_equal(
+        getattr(loaded, field), getattr(original, field))
+    assert getattr(loaded, field).dtype == getattr(original, field).dtype
+  np.testing.assert_array_equal(loaded.inter_ratings, original.inter_ratings)
+  assert loaded.item_features == original.item_features  # tuples restored
+  assert loaded.user_features == original.user_features
+  assert loaded.item_text(5) == original.item_text(5)
+  assert dict(loaded.report) == dict(original.report)
+
+
+def test_parse_cached_parses_once_per_manifest(tmp_path, monkeypatch):
+  monkeypatch.setenv("TAIJI_CACHE_DIR", str(tmp_path / "cache"))
+  directory = tmp_path / "cache" / "toy"
+  directory.mkdir(parents=True)
+  (directory / fetch.MANIFEST).write_text('{"source": "s", "sha256": {}}')
+  calls = []
+
+  def parse():
+    calls.append(1)
+    return synthetic.make_synthetic(num_users=12, num_items=20, seed=1)
+
+  first = fetch.parse_cached(directory, "from A", parse, "v1")
+  second = fetch.parse_cached(directory, "from B", parse, "v1")
+  assert len(calls) == 1
+  assert second.source == "from B"
+  np.testing.assert_array_equal(first.inter_items, second.inter_items)
+  fetch.parse_cached(directory, "x", parse, "v2")  # new parser version
+  assert len(calls) == 2
+  (directory / fetch.MANIFEST).write_text('{"source": "t", "sha256": {}}')
+  fetch.parse_cached(directory, "x", parse, "v2")  # re-fetched files
+  assert len(calls) == 3
+  # A directory outside the cache (an explicit root) is always parsed.
+  outside = tmp_path / "root"
+  outside.mkdir()
+  (outside / fetch.MANIFEST).write_text("{}")
+  fetch.parse_cached(outside, "x", parse, "v2")
+  fetch.parse_cached(outside, "x", parse, "v2")
+  assert len(calls) == 5

@@ -46,6 +46,8 @@ ALIASES = {
 SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 REVIEW_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
 ITEM_FIELDS = ("title", "brand", "categories", "price")
+# Bump when parsing changes, so parsed copies in the cache are redone.
+PARSER_VERSION = "amazon-1"
 
 
 def file_category(category: str) -> str:
@@ -97,6 +99,18 @@ def load_amazon(category: str,
       f"amazon-{name}", layouts, [source], root=root)
   reviews_path = _first_present(directory, (reviews_gz, reviews_plain))
   meta_path = _first_present(directory, (meta_gz, meta_plain))
+  description = f"{description}: {reviews_path.name}, {meta_path.name}"
+  # Parsing the metadata's Python literals takes minutes for a category;
+  # files in the cache are parsed once (see fetch.parse_cached).
+  return fetch.parse_cached(
+      directory, description,
+      lambda: _parse(category, description, reviews_path, meta_path),
+      PARSER_VERSION)
+
+
+def _parse(category: str, description: str, reviews_path: pathlib.Path,
+           meta_path: pathlib.Path) -> dataset_lib.Dataset:
+  """Reads the reviews and metadata files into a Dataset."""
 
   report: dict[str, Any] = {}
   users, items, times, ratings = [], [], [], []
@@ -130,7 +144,7 @@ def load_amazon(category: str,
 
   return dataset_lib.Dataset.from_interactions(
       name=f"amazon-{category}",
-      source=f"{description}: {reviews_path.name}, {meta_path.name}",
+      source=description,
       raw_users=users,
       raw_items=items,
       times=times,

@@ -21,11 +21,17 @@ docstring.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import shutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 PAD_RAW_ID = "[PAD]"
+# Bump when the parsed representation changes; older saves are re-parsed.
+SAVE_FORMAT = "taiji-dataset-v1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +160,67 @@ class Dataset:
         user_features=user_features,
         report=report,
     )
+
+  def save(self, directory: os.PathLike | str) -> None:
+    """Writes the dataset as `arrays.npz` + `side.json` (atomically)."""
+    directory = pathlib.Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.savez(
+        tmp / "arrays.npz",
+        user_raw_ids=self.user_raw_ids.astype(str),
+        item_raw_ids=self.item_raw_ids.astype(str),
+        inter_users=self.inter_users,
+        inter_items=self.inter_items,
+        inter_times=self.inter_times,
+        inter_ratings=self.inter_ratings)
+    side = {
+        "format": SAVE_FORMAT,
+        "name": self.name,
+        "source": self.source,
+        "item_features": {
+            k: list(v) for k, v in self.item_features.items()
+        },
+        "user_features": {
+            k: list(v) for k, v in self.user_features.items()
+        },
+        "report": dict(self.report),
+    }
+    (tmp / "side.json").write_text(json.dumps(side))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+  @classmethod
+  def load(cls, directory: os.PathLike | str) -> Dataset:
+    """Reads what `save` wrote; lists in features come back as tuples."""
+    directory = pathlib.Path(directory)
+    side = json.loads((directory / "side.json").read_text())
+    if side.get("format") != SAVE_FORMAT:
+      raise ValueError(f"{directory}: saved format {side.get('format')!r}, "
+                       f"expected {SAVE_FORMAT!r}.")
+    with np.load(directory / "arrays.npz") as arrays:
+      a = {k: arrays[k] for k in arrays.files}
+
+    def column(values):
+      return tuple(tuple(v) if isinstance(v, list) else v for v in values)
+
+    return cls(
+        name=side["name"],
+        source=side["source"],
+        user_raw_ids=a["user_raw_ids"].astype(object),
+        item_raw_ids=a["item_raw_ids"].astype(object),
+        inter_users=a["inter_users"],
+        inter_items=a["inter_items"],
+        inter_times=a["inter_times"],
+        inter_ratings=a["inter_ratings"],
+        item_features={
+            k: column(v) for k, v in side["item_features"].items()
+        },
+        user_features={
+            k: column(v) for k, v in side["user_features"].items()
+        },
+        report=side["report"])
 
   def sequences(self) -> list[np.ndarray]:
     """Each user's items in time order; index u is user u (index 0 empty)."""

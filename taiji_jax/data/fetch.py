@@ -142,6 +142,40 @@ def resolve(
       f"root=... or set TAIJI_DATA_DIR (files in $TAIJI_DATA_DIR/{name}).")
 
 
+def parse_cached(directory: pathlib.Path, source: str, parse: Callable,
+                 version: str):
+  """Parses raw files once per cache fill: returns `parse()`'s Dataset.
+
+  Only for directories in the local cache (they carry a manifest of file
+  digests): the parsed dataset is saved under `processed/<key>` with the key
+  derived from the manifest and `version`, so a re-fetch or a new parser
+  version re-parses. Explicit roots are always parsed, since their files may
+  change without notice. The returned dataset's `source` is the current
+  description.
+  """
+  # pylint: disable=g-import-not-at-top
+  from taiji_jax.data import dataset as dataset_lib
+  manifest = directory / MANIFEST
+  if not manifest.is_file() or directory.parent != cache_root():
+    return parse()
+  key = hashlib.sha256(manifest.read_bytes() +
+                       version.encode()).hexdigest()[:16]
+  saved = directory / "processed" / key
+  if (saved / "side.json").is_file():
+    try:
+      dataset = dataset_lib.Dataset.load(saved)
+      return dataclasses.replace(dataset, source=source)
+    except (OSError, ValueError, KeyError) as e:
+      logging.warning("%s: unreadable processed cache (%s); re-parsing.", saved,
+                      e)
+  dataset = parse()
+  try:
+    dataset.save(saved)
+  except OSError as e:  # a read-only cache still works, only slower
+    logging.warning("could not save the parsed dataset to %s: %s", saved, e)
+  return dataset
+
+
 def _present_layout(directory: pathlib.Path,
                     layouts: Sequence[Sequence[str]]) -> list[str] | None:
   for layout in layouts:

@@ -65,6 +65,8 @@ OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin",
                   "retired", "sales/marketing", "scientist", "self-employed",
                   "technician/engineer", "tradesman/craftsman", "unemployed",
                   "writer")
+# Bump when parsing changes, so parsed copies in the cache are redone.
+PARSER_VERSION = "movielens-1"
 _PLACEHOLDERS = ("", "unknown", "unkonwn")
 # "Name (1995)", also "Name (1995) (V)" (video; ml-100k item 1412).
 _TITLE_YEAR = re.compile(r"^(.*\S)\s+\((\d{4})\)(?:\s+\(V\))?\s*$")
@@ -88,8 +90,10 @@ def load_ml100k(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
       root=root,
       pinned=ML100K_ATOMIC_SHA256)
   if all((directory / f).is_file() for f in ML100K_RAW):
-    return _ml100k_raw(directory, source)
-  return _ml100k_atomic(directory, source)
+    parse = lambda: _ml100k_raw(directory, source)
+  else:
+    parse = lambda: _ml100k_atomic(directory, source)
+  return fetch.parse_cached(directory, source, parse, PARSER_VERSION)
 
 
 def load_ml1m(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
@@ -99,6 +103,11 @@ def load_ml1m(root: os.PathLike | str | None = None) -> dataset_lib.Dataset:
                        {f"ml-1m/{f}": f for f in ML1M_RAW})
   ]
   directory, source = fetch.resolve("ml-1m", ML1M_RAW, sources, root=root)
+  return fetch.parse_cached(directory, source, lambda: _ml1m(directory, source),
+                            PARSER_VERSION)
+
+
+def _ml1m(directory, source) -> dataset_lib.Dataset:
   report = {}
   inters = _read_ratings(directory / "ratings.dat", "::")
 
