@@ -4,11 +4,12 @@ r"""The default end-to-end pipeline on MovieLens-100k (`make run`).
       --workdir runs/ml100k
 
 Stages (each into `runs/ml100k/<stage>/` with its own results.json):
-  popularity  MostPop reference (seconds)
-  sasrec      SASRec, configs/ml100k_sasrec.py (see the README for its time
-              and test numbers on 2 CPU cores)
+  popularity  MostPop reference (~2 s)
+  sasrec      SASRec, configs/ml100k_sasrec.py (~380 s on 2 CPU cores;
+              test Recall@10 0.2057, NDCG@10 0.1089, history masked)
 
-`:smoke` runs every stage on the synthetic dataset in seconds. Override any
+Expected: the whole `make run` took 7 min on a 2-core CPU (README).
+`:smoke` runs every stage on the synthetic dataset in about 30 s. Override any
 stage field, e.g. `--config.sasrec.train.lr=3e-4`.
 """
 

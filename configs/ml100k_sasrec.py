@@ -5,7 +5,10 @@ Launch (from the repository root, after `make install`):
   .venv/bin/python experiments/train_sasrec.py \
       --config configs/ml100k_sasrec.py --workdir runs/ml100k/sasrec
 
-Variants: `:smoke` (synthetic data, tiny model, a few seconds on CPU);
+Expected (2-core CPU, seed 0): best valid NDCG@10 0.1188 at epoch 41, test
+Recall@10 0.2057 / NDCG@10 0.1089 with history items masked, ~380 s.
+
+Variants: `:smoke` (synthetic data, tiny model, about 20 s on 2 CPU cores);
 `:dataset=ml-1m`. Any field can be overridden, e.g.
 `--config.train.lr=3e-4 --config.model.dropout=0.3`.
 
