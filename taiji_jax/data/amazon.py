@@ -27,11 +27,9 @@ Any malformed line, missing required key or non-numeric value is a
 
 from __future__ import annotations
 
-import gzip
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
-import zlib
+from typing import Any, Sequence
 
 from taiji_jax.data import dataset as dataset_lib
 from taiji_jax.data import fetch
@@ -114,7 +112,7 @@ def _parse(category: str, description: str, reviews_path: pathlib.Path,
 
   report: dict[str, Any] = {}
   users, items, times, ratings = [], [], [], []
-  for line, record in _read_records(reviews_path, REVIEW_KEYS):
+  for line, record in parsing.read_json_lines(reviews_path, REVIEW_KEYS):
     users.append(_raw_id(record, "reviewerID", reviews_path, line))
     items.append(_raw_id(record, "asin", reviews_path, line))
     ratings.append(
@@ -126,7 +124,7 @@ def _parse(category: str, description: str, reviews_path: pathlib.Path,
 
   item_table: dict[str, dict[str, Any]] = {}
   lines_read = duplicates = 0
-  for line, record in _read_records(meta_path, ("asin",)):
+  for line, record in parsing.read_json_lines(meta_path, ("asin",)):
     lines_read += 1
     asin = _raw_id(record, "asin", meta_path, line)
     if asin in item_table:
@@ -160,29 +158,6 @@ def _first_present(directory: pathlib.Path,
     if (directory / name).is_file():
       return directory / name
   raise parsing.DataError(f"{directory}: none of {list(names)} is present.")
-
-
-def _read_records(
-    path: pathlib.Path,
-    required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-  """`parsing.read_json_lines`, with unreadable input made a DataError.
-
-  A truncated or corrupt gzip file raises EOFError, zlib.error or
-  BadGzipFile from inside the reader, and undecodable bytes raise
-  UnicodeDecodeError; these are reported with the file and the last line
-  that was read successfully.
-  """
-  line = 0
-  try:
-    for line, record in parsing.read_json_lines(path, required):
-      yield line, record
-  except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
-    hint = ""
-    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
-      hint = "; the compressed file is truncated or corrupt"
-    raise parsing.DataError(
-        f"{parsing.where(path)}: cannot read past line {line} "
-        f"({type(e).__name__}: {e}){hint}.") from None
 
 
 def _raw_id(record: dict[str, Any], key: str, path: pathlib.Path,
