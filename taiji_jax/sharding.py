@@ -100,10 +100,6 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
     _context.rules = previous
 
 
-def current_rules() -> Rules:
-  return _context.rules
-
-
 def logical_to_spec(logical_axes: Sequence[str | None],
                     shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None,

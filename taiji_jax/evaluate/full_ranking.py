@@ -55,16 +55,19 @@ def evaluate(eval_step: Callable,
   Returns:
     metric name -> mean over the split's users, plus "num_users".
   """
-  sums: dict[str, float] = {}
-  count = 0
+  per_user: dict[str, list[np.ndarray]] = {}
+  masks = []
   for batch in pipeline.eval_batches(split, batch_size):
-    valid = batch.pop("valid")
-    per_user = jax.device_get(eval_step(params, put(batch)))
-    for name, values in per_user.items():
-      sums[name] = sums.get(name, 0.0) + float(np.asarray(values)[valid].sum())
-    count += int(valid.sum())
-  if count == 0:
+    masks.append(batch.pop("valid"))
+    for name, values in jax.device_get(eval_step(params, put(batch))).items():
+      per_user.setdefault(name, []).append(np.asarray(values))
+  mask = np.concatenate(masks) if masks else np.zeros((0,), bool)
+  if not mask.any():
     raise ValueError("the split has no users to evaluate.")
-  out = {name: total / count for name, total in sorted(sums.items())}
-  out["num_users"] = count
+  out = metrics.mean_metrics(
+      {
+          name: np.concatenate(chunks) for name, chunks in per_user.items()
+      }, mask)
+  out = dict(sorted(out.items()))
+  out["num_users"] = int(mask.sum())
   return out
