@@ -3,8 +3,9 @@
 Stages run in the order of `config.stages`; each writes its own
 `results.json` and is resumable on its own (a finished stage re-evaluates or
 is skipped). The pipeline then writes `<workdir>/results.json` with every
-stage's test and valid metrics and prints them side by side. Stages added by
-later parts of the codebase (sids, sft, rl) register here.
+stage's test and valid metrics and prints them side by side. Stages without
+ranking metrics (sids) are listed with their results file. Stages added by
+later parts of the codebase (sft, rl) register here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ml_collections
 
 from taiji_jax.evaluate import baselines
 from taiji_jax.evaluate import full_ranking
+from taiji_jax.train import build_sids
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import workdir as workdir_lib
@@ -51,6 +53,7 @@ def run_popularity(config: ml_collections.ConfigDict,
 STAGES: dict[str, tuple[Callable, str]] = {
     "popularity": (run_popularity, "sasrec"),
     "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec"),
+    "sids": (build_sids.run, "sids"),
 }
 
 
@@ -67,11 +70,18 @@ def run(config: ml_collections.ConfigDict,
     start = time.perf_counter()
     logging.info("pipeline: stage %s -> %s", stage, workdir / stage)
     results = fn(config[section], workdir / stage)
-    summary[stage] = {
-        "test": results["test"],
-        "valid": results["valid"],
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    seconds = round(time.perf_counter() - start, 1)
+    if "test" in results:  # a recommender with ranking metrics
+      summary[stage] = {
+          "test": results["test"],
+          "valid": results["valid"],
+          "seconds": seconds
+      }
+    else:  # a preparation stage (e.g. sids): its own results file
+      summary[stage] = {
+          "results": str(workdir / stage / "results.json"),
+          "seconds": seconds
+      }
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(workdir / "results.json", summary)
   print(format_table(summary, config.report_ks))
@@ -84,6 +94,7 @@ def format_table(summary: dict[str, Any], ks=(5, 10, 20)) -> str:
   header = f"{'model':<12}" + "".join(
       f"{n:>11}" for n in names) + (f"{'seconds':>10}")
   lines = [header, "-" * len(header)]
+  summary = {s: r for s, r in summary.items() if "test" in r}
   for stage, result in summary.items():
     test = result["test"]
     lines.append(f"{stage:<12}" + "".join(f"{test[n]:>11.4f}" for n in names) +

@@ -467,3 +467,39 @@ def test_parse_cached_parses_once_per_manifest(tmp_path, monkeypatch):
   fetch.parse_cached(outside, "x", parse, "v2")
   fetch.parse_cached(outside, "x", parse, "v2")
   assert len(calls) == 5
+
+
+def _slow_fetch_in_subprocess(cache_dir, log_path, barrier):
+  """Resolves 'toy' with a slow source that logs each fetch (for the test)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  os.environ["TAIJI_CACHE_DIR"] = cache_dir
+
+  def fetch_fn(dest):
+    with open(log_path, "a") as log:
+      log.write("fetch\n")
+    time.sleep(0.5)
+    for name, content in FILES.items():
+      (dest / name).write_bytes(content)
+
+  barrier.wait()
+  path, _ = fetch.resolve("toy", list(FILES), [fetch.Source("slow", fetch_fn)])
+  assert (path / "a.txt").read_bytes() == FILES["a.txt"]
+
+
+def test_concurrent_resolves_fetch_once(tmp_path):
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  ctx = multiprocessing.get_context("spawn")
+  barrier = ctx.Barrier(3)
+  log = tmp_path / "fetches.log"
+  procs = [
+      ctx.Process(
+          target=_slow_fetch_in_subprocess,
+          args=(str(tmp_path / "cache"), str(log), barrier)) for _ in range(3)
+  ]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(60)
+  assert [p.exitcode for p in procs] == [0, 0, 0]
+  assert log.read_text() == "fetch\n"

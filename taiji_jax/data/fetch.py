@@ -14,11 +14,17 @@ the HTTP Content-Length is checked, zip archives are CRC-tested, and pinned
 SHA-256 digests (where the project measured them) are compared, so a
 truncated download is caught and never trained on. The chosen source is
 logged and stored in the cache manifest.
+
+Published model checkpoints (the text encoder) go through the same
+machinery with `cache_dir=model_cache_root()`: `$TAIJI_MODEL_CACHE_DIR/<name>`,
+default `~/.cache/taiji_jax/models/<name>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -40,10 +46,19 @@ MANIFEST = "taiji_manifest.json"
 
 
 def cache_root() -> pathlib.Path:
+  """Dataset cache: `$TAIJI_CACHE_DIR`, else ~/.cache/taiji_jax/datasets."""
   env = os.environ.get("TAIJI_CACHE_DIR")
   if env:
     return pathlib.Path(env)
   return pathlib.Path.home() / ".cache" / "taiji_jax" / "datasets"
+
+
+def model_cache_root() -> pathlib.Path:
+  """Model cache: `$TAIJI_MODEL_CACHE_DIR`, else ~/.cache/taiji_jax/models."""
+  env = os.environ.get("TAIJI_MODEL_CACHE_DIR")
+  if env:
+    return pathlib.Path(env)
+  return pathlib.Path.home() / ".cache" / "taiji_jax" / "models"
 
 
 def sha256(path: os.PathLike | str) -> str:
@@ -67,12 +82,12 @@ class Source:
   fetch: Callable[[pathlib.Path], None]
 
 
-def resolve(
-    name: str,
-    required: Sequence[str] | Sequence[Sequence[str]],
-    sources: Sequence[Source],
-    root: os.PathLike | str | None = None,
-    pinned: Mapping[str, str] | None = None) -> tuple[pathlib.Path, str]:
+def resolve(name: str,
+            required: Sequence[str] | Sequence[Sequence[str]],
+            sources: Sequence[Source],
+            root: os.PathLike | str | None = None,
+            pinned: Mapping[str, str] | None = None,
+            cache_dir: pathlib.Path | None = None) -> tuple[pathlib.Path, str]:
   """Returns (directory holding `required` files, description of source).
 
   Args:
@@ -83,6 +98,8 @@ def resolve(
     sources: download sources, tried in order when nothing local has them.
     root: explicit directory; if given it must hold the files (no fallback).
     pinned: file name -> SHA-256 that downloaded files must match.
+    cache_dir: cache root to use instead of `cache_root()` (models use
+      `model_cache_root()`); files are cached in `<cache_dir>/<name>`.
 
   Raises:
     DataError: an explicit root lacks files, or every source failed (the
@@ -104,42 +121,65 @@ def resolve(
       )
     return root, f"local directory {root}"
 
-  cache = cache_root() / name
-  if (cache / MANIFEST).is_file():
-    manifest = json.loads((cache / MANIFEST).read_text())
-    _verify(cache, manifest["sha256"])
-    return cache, f"cache {cache} (originally from {manifest['source']})"
-
-  errors = []
-  for source in sources:
-    with tempfile.TemporaryDirectory(prefix=f"taiji-{name}-") as tmp:
-      tmp = pathlib.Path(tmp)
-      try:
-        source.fetch(tmp)
-        files = _present_layout(tmp, layouts)
-        if files is None:
-          raise parsing.DataError(
-              f"source provided {sorted(p.name for p in tmp.iterdir())}, "
-              f"none of the layouts {layouts}")
-        digests = {f: sha256(tmp / f) for f in files}
-        for f, want in (pinned or {}).items():
-          if f in digests and digests[f] != want:
+  cache = (cache_dir if cache_dir is not None else cache_root()) / name
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  # One process fetches while others (pytest workers, hosts sharing a home
+  # directory) wait, then find the finished cache.
+  with _file_lock(cache.with_name(cache.name + ".lock")):
+    found = _from_cache(cache)
+    if found is not None:
+      return found
+    errors = []
+    for source in sources:
+      with tempfile.TemporaryDirectory(prefix=f"taiji-{name}-") as tmp:
+        tmp = pathlib.Path(tmp)
+        try:
+          source.fetch(tmp)
+          files = _present_layout(tmp, layouts)
+          if files is None:
             raise parsing.DataError(
-                f"{f}: SHA-256 {digests[f]} does not match the pinned {want} "
-                "(truncated or altered download)")
-      except (OSError, parsing.DataError, subprocess.SubprocessError,
-              zipfile.BadZipFile) as e:
-        logging.warning("%s: source %s failed: %s", name, source.description, e)
-        errors.append(f"  - {source.description}: {e}")
-        continue
-      _install(tmp, cache, files, digests, source.description)
-    logging.info("%s: fetched from %s into %s", name, source.description, cache)
-    return cache, f"{source.description} (cached in {cache})"
+                f"source provided {sorted(p.name for p in tmp.iterdir())}, "
+                f"none of the layouts {layouts}")
+          digests = {f: sha256(tmp / f) for f in files}
+          for f, want in (pinned or {}).items():
+            if f in digests and digests[f] != want:
+              raise parsing.DataError(
+                  f"{f}: SHA-256 {digests[f]} does not match the pinned "
+                  f"{want} (truncated or altered download)")
+        except (OSError, parsing.DataError, subprocess.SubprocessError,
+                zipfile.BadZipFile) as e:
+          logging.warning("%s: source %s failed: %s", name, source.description,
+                          e)
+          errors.append(f"  - {source.description}: {e}")
+          continue
+        _install(tmp, cache, files, digests, source.description)
+      logging.info("%s: fetched from %s into %s", name, source.description,
+                   cache)
+      return cache, f"{source.description} (cached in {cache})"
   raise parsing.DataError(
       f"Could not obtain dataset {name!r}; tried:\n" + "\n".join(errors) +
       "\nPlace the files " + " or ".join(str(l) for l in layouts) +
       " in a directory and pass "
       f"root=... or set TAIJI_DATA_DIR (files in $TAIJI_DATA_DIR/{name}).")
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+  """An exclusive advisory lock on `path` (created if absent)."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _from_cache(cache: pathlib.Path) -> tuple[pathlib.Path, str] | None:
+  if not (cache / MANIFEST).is_file():
+    return None
+  manifest = json.loads((cache / MANIFEST).read_text())
+  _verify(cache, manifest["sha256"])
+  return cache, f"cache {cache} (originally from {manifest['source']})"
 
 
 def parse_cached(directory: pathlib.Path, source: str, parse: Callable,
@@ -189,6 +229,7 @@ def _install(tmp: pathlib.Path, cache: pathlib.Path, required: Sequence[str],
   """Moves verified files into the cache; the manifest is written last."""
   cache.mkdir(parents=True, exist_ok=True)
   for f in required:
+    (cache / f).parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(tmp / f), str(cache / f))
   manifest = {"source": source, "sha256": dict(digests)}
   partial = cache / (MANIFEST + ".tmp")
@@ -224,7 +265,7 @@ def download(url: str, dest: pathlib.Path, timeout: float = 60.0) -> None:
 
 def extract_zip(archive: pathlib.Path, members: Mapping[str, str],
                 dest: pathlib.Path) -> None:
-  """CRC-tests a zip, then extracts member path -> file name in dest."""
+  """CRC-tests a zip, then extracts member path -> relative path in dest."""
   with zipfile.ZipFile(archive) as z:
     try:
       bad = z.testzip()
@@ -240,6 +281,7 @@ def extract_zip(archive: pathlib.Path, members: Mapping[str, str],
     for member, out_name in members.items():
       if member not in names:
         raise parsing.DataError(f"{archive}: member {member} not found")
+      (dest / out_name).parent.mkdir(parents=True, exist_ok=True)
       with z.open(member) as src, open(dest / out_name, "wb") as out:
         shutil.copyfileobj(src, out)
 
@@ -273,7 +315,8 @@ def pip_wheel_source(requirement: str,
 
   Args:
     requirement: e.g. "recbole==1.2.1".
-    members: path inside the wheel -> file name in the destination.
+    members: path inside the wheel -> relative path in the destination
+      (sub-directories are created, e.g. "1_Pooling/config.json").
     wheel_sha256: pinned digest of the wheel file, if measured.
   """
 

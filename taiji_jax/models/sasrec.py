@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from taiji_jax import sharding
+from taiji_jax.models import layers
 
 _NEG_INF = -1e9
 
@@ -86,36 +87,17 @@ class SASRecConfig:
     return self.embed_dim // self.num_heads
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std) -> nnx.Param:
-  init = jax.nn.initializers.truncated_normal(std)
-  return nnx.Param(init(rngs.params(), shape), logical_axes=axes)
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis (scale and bias on the `embed` axis)."""
-
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,)), logical_axes=("embed",))
-    self.bias = nnx.Param(jnp.zeros((dim,)), logical_axes=("embed",))
-    self.eps = eps
-
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
-    mean = x_btd.mean(-1, keepdims=True)
-    var = jnp.square(x_btd - mean).mean(-1, keepdims=True)
-    y = (x_btd - mean) * jax.lax.rsqrt(var + self.eps)
-    return y * self.scale[...] + self.bias[...]
-
-
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with a key padding mask."""
 
   def __init__(self, cfg: SASRecConfig, rngs: nnx.Rngs):
     d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_dim
-    self.w_qkv = _param(rngs, (3, d, n, h), (None, "embed", "heads", "kv"),
-                        cfg.init_std)
+    self.w_qkv = layers.param(rngs, (3, d, n, h),
+                              (None, "embed", "heads", "kv"), cfg.init_std)
     self.b_qkv = nnx.Param(
         jnp.zeros((3, n, h)), logical_axes=(None, "heads", "kv"))
-    self.w_out = _param(rngs, (n, h, d), ("heads", "kv", "embed"), cfg.init_std)
+    self.w_out = layers.param(rngs, (n, h, d), ("heads", "kv", "embed"),
+                              cfg.init_std)
     self.b_out = nnx.Param(jnp.zeros((d,)), logical_axes=("embed",))
     self.attn_dropout = nnx.Dropout(cfg.attn_dropout)
 
@@ -144,9 +126,9 @@ class FeedForward(nnx.Module):
 
   def __init__(self, cfg: SASRecConfig, rngs: nnx.Rngs):
     d, m = cfg.embed_dim, cfg.mlp_dim
-    self.w_in = _param(rngs, (d, m), ("embed", "mlp"), cfg.init_std)
+    self.w_in = layers.param(rngs, (d, m), ("embed", "mlp"), cfg.init_std)
     self.b_in = nnx.Param(jnp.zeros((m,)), logical_axes=("mlp",))
-    self.w_out = _param(rngs, (m, d), ("mlp", "embed"), cfg.init_std)
+    self.w_out = layers.param(rngs, (m, d), ("mlp", "embed"), cfg.init_std)
     self.b_out = nnx.Param(jnp.zeros((d,)), logical_axes=("embed",))
 
   def __call__(self, x_btd):
@@ -159,9 +141,9 @@ class Block(nnx.Module):
   """Pre-LN Transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
   def __init__(self, cfg: SASRecConfig, rngs: nnx.Rngs):
-    self.ln_attn = LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
+    self.ln_attn = layers.LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
     self.attn = CausalSelfAttention(cfg, rngs)
-    self.ln_mlp = LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
+    self.ln_mlp = layers.LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
     self.mlp = FeedForward(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
@@ -180,12 +162,12 @@ class SASRec(nnx.Module):
 
   def __init__(self, cfg: SASRecConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.item_embed = _param(rngs, (cfg.num_items + 1, cfg.embed_dim),
-                             ("vocab", "embed"), cfg.init_std)
-    self.pos_embed = _param(rngs, (cfg.max_len, cfg.embed_dim),
-                            ("length", "embed"), cfg.init_std)
+    self.item_embed = layers.param(rngs, (cfg.num_items + 1, cfg.embed_dim),
+                                   ("vocab", "embed"), cfg.init_std)
+    self.pos_embed = layers.param(rngs, (cfg.max_len, cfg.embed_dim),
+                                  ("length", "embed"), cfg.init_std)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.ln_final = LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
+    self.ln_final = layers.LayerNorm(cfg.embed_dim, cfg.layer_norm_eps)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def hidden(self,
