@@ -10,7 +10,7 @@ Stages (each into `runs/ml100k/<stage>/` with its own results.json):
   sids        semantic IDs, configs/ml100k_sids.py (RQ-KMeans default and
               RQ-VAE on MiniLM text + SASRec item embeddings; README)
 
-Expected: the whole `make run` took 7 min on a 2-core CPU (README).
+Expected: the whole `make run` took 8.5 min on a 2-core CPU (README).
 `:smoke` runs every stage on the synthetic dataset in about 30 s. Override any
 stage field, e.g. `--config.sasrec.train.lr=3e-4`.
 """

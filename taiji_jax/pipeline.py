@@ -94,11 +94,16 @@ def format_table(summary: dict[str, Any], ks=(5, 10, 20)) -> str:
   header = f"{'model':<12}" + "".join(
       f"{n:>11}" for n in names) + (f"{'seconds':>10}")
   lines = [header, "-" * len(header)]
-  summary = {s: r for s, r in summary.items() if "test" in r}
-  for stage, result in summary.items():
+  ranked = {s: r for s, r in summary.items() if "test" in r}
+  for stage, result in ranked.items():
     test = result["test"]
     lines.append(f"{stage:<12}" + "".join(f"{test[n]:>11.4f}" for n in names) +
                  f"{result['seconds']:>10.1f}")
-  users = next(iter(summary.values()))["test"]["num_users"]
-  lines.append(f"(test split, {users} users, full ranking over all items)")
+  if ranked:
+    users = next(iter(ranked.values()))["test"]["num_users"]
+    lines.append(f"(test split, {users} users, full ranking over all items)")
+  for stage, result in summary.items():
+    if stage not in ranked:
+      lines.append(f"{stage}: {result['seconds']:.1f} s, results in "
+                   f"{result['results']}")
   return "\n".join(lines)

@@ -59,9 +59,14 @@ def test_format_table_lists_each_stage():
       "sasrec": {
           "test": row,
           "seconds": 2.0
+      },
+      "sids": {
+          "results": "runs/x/sids/results.json",
+          "seconds": 3.0
       }
   })
   lines = text.splitlines()
   assert lines[0].split()[:3] == ["model", "recall@5", "recall@10"]
   assert lines[2].startswith("popularity") and lines[3].startswith("sasrec")
-  assert "7 users" in lines[-1]
+  assert "7 users" in lines[-2]
+  assert lines[-1] == "sids: 3.0 s, results in runs/x/sids/results.json"
