@@ -58,7 +58,7 @@ def catalogue_fingerprint(item_raw_ids: Sequence) -> str:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("offsets", "tokens", "children"),
+    data_fields=("offsets", "tokens", "children", "leaves"),
     meta_fields=("vocab_size", "max_degree"))
 @dataclasses.dataclass(frozen=True)
 class TrieLevel:
@@ -68,12 +68,14 @@ class TrieLevel:
     offsets: (P + 1,) int32 edge ranges of the P prefixes of this length.
     tokens: (E,) int32 next tokens, sorted within each prefix.
     children: (E,) int32 node (or item, at the last level) each edge reaches.
+    leaves: (E,) int32 number of items below each edge (1 at the last level).
     vocab_size: K of this level (static).
     max_degree: the most edges of one prefix (static; the gather width).
   """
   offsets: Any
   tokens: Any
   children: Any
+  leaves: Any
   vocab_size: int
   max_degree: int
 
@@ -95,19 +97,25 @@ class TrieLevel:
     return table
 
 
-def build_trie(codes_nl: np.ndarray, item_ids: np.ndarray,
-               codebook_sizes: Sequence[int]) -> tuple[TrieLevel, ...]:
+def build_trie(
+    codes_nl: np.ndarray, item_ids: np.ndarray,
+    codebook_sizes: Sequence[int]) -> tuple[tuple[TrieLevel, ...], np.ndarray]:
   """The per-level CSR trie of unique codes (see the module docstring).
 
   Args:
     codes_nl: (N, L) codes of the N items, unique rows.
     item_ids: (N,) the item id each row belongs to (the leaf value).
     codebook_sizes: K_l per level.
+
+  Returns:
+    (trie levels, path_nl) where path_nl[n, l] is the node at depth l + 1 on
+    row n's path (the item id at the last level), in the input row order.
   """
   n, levels = codes_nl.shape
   order = np.lexsort(codes_nl.T[::-1])  # rows in lexicographic code order
   codes_nl, item_ids = codes_nl[order], np.asarray(item_ids)[order]
   out = []
+  path_nl = np.zeros((n, levels), np.int64)
   parent = np.zeros(n, np.int64)  # depth-0 prefix of every row: the root
   for l in range(levels):
     # Rows are sorted, so the distinct length-(l+1) prefixes are the rows
@@ -116,10 +124,13 @@ def build_trie(codes_nl: np.ndarray, item_ids: np.ndarray,
       new = np.r_[True, np.any(np.diff(codes_nl[:, :l + 1], axis=0), axis=1)]
       child = np.cumsum(new) - 1
       edge_child = child[new]
+      leaves = np.bincount(child)
     else:
       new = np.ones(n, bool)
-      child = None
+      child = item_ids.astype(np.int64)
       edge_child = item_ids
+      leaves = np.ones(n, np.int64)
+    path_nl[:, l] = child
     edge_parent = parent[new]
     num_parents = int(parent[-1]) + 1
     degree = np.bincount(edge_parent, minlength=num_parents)
@@ -128,10 +139,13 @@ def build_trie(codes_nl: np.ndarray, item_ids: np.ndarray,
             offsets=np.r_[0, np.cumsum(degree)].astype(np.int32),
             tokens=codes_nl[new, l].astype(np.int32),
             children=edge_child.astype(np.int32),
+            leaves=leaves.astype(np.int32),
             vocab_size=int(codebook_sizes[l]),
             max_degree=int(degree.max())))
     parent = child
-  return tuple(out)
+  unsorted = np.empty_like(path_nl)
+  unsorted[order] = path_nl
+  return tuple(out), unsorted.astype(np.int32)
 
 
 def _edge_window(level: TrieLevel, node_b, xp):
@@ -143,14 +157,26 @@ def _edge_window(level: TrieLevel, node_b, xp):
   return xp.minimum(edge_bd, level.tokens.shape[0] - 1), exists_bd
 
 
-def trie_valid_mask(level: TrieLevel, node_b: jax.Array) -> jax.Array:
-  """(B, K) bool: the tokens that continue each node's prefix to an item."""
+def trie_children(level: TrieLevel,
+                  node_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(B, K) child reached by each token (-1 if none) and its item count."""
   edge_bd, exists_bd = _edge_window(level, node_b, jnp)
   tokens_bd = jnp.take(level.tokens, edge_bd)
   rows_bd = jnp.broadcast_to(
       jnp.arange(node_b.shape[0])[:, None], tokens_bd.shape)
-  mask = jnp.zeros((node_b.shape[0], level.vocab_size), bool)
-  return mask.at[rows_bd, tokens_bd].max(exists_bd)
+  # Edges that do not exist write out of bounds and are dropped.
+  cols_bd = jnp.where(exists_bd, tokens_bd, level.vocab_size)
+  empty = jnp.full((node_b.shape[0], level.vocab_size), -1, jnp.int32)
+  children = empty.at[rows_bd, cols_bd].set(
+      jnp.take(level.children, edge_bd), mode="drop")
+  leaves = jnp.zeros_like(empty).at[rows_bd, cols_bd].set(
+      jnp.take(level.leaves, edge_bd), mode="drop")
+  return children, leaves
+
+
+def trie_valid_mask(level: TrieLevel, node_b: jax.Array) -> jax.Array:
+  """(B, K) bool: the tokens that continue each node's prefix to an item."""
+  return trie_children(level, node_b)[0] >= 0
 
 
 def trie_next(level: TrieLevel, node_b, token_b, xp=None):
@@ -175,6 +201,9 @@ class SemanticIds:
     codebook_sizes: K_l per level (the token vocabulary of each level).
     catalogue: SHA-256 fingerprint of the item raw ids these SIDs are for.
     trie: per-level CSR `TrieLevel`s (module docstring).
+    paths: (num_items + 1, L) int32 node of item i at depth l + 1 (the item
+      id itself at the last level; row 0 = -1); used to exclude items
+      (e.g. a user's history) from constrained decoding.
     meta: free-form description (quantizer, fusion, collision method).
   """
   codes: np.ndarray
@@ -182,6 +211,7 @@ class SemanticIds:
   catalogue: str = ""
   meta: dict = dataclasses.field(default_factory=dict)
   trie: tuple[TrieLevel, ...] = dataclasses.field(init=False, repr=False)
+  paths: np.ndarray = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     codes = np.asarray(self.codes)
@@ -215,8 +245,11 @@ class SemanticIds:
     codes = codes.astype(np.int32)
     object.__setattr__(self, "codes", codes)
     object.__setattr__(self, "codebook_sizes", sizes)
-    object.__setattr__(self, "trie",
-                       build_trie(codes[1:], np.arange(1, len(codes)), sizes))
+    trie, paths = build_trie(codes[1:], np.arange(1, len(codes)), sizes)
+    object.__setattr__(self, "trie", trie)
+    object.__setattr__(
+        self, "paths",
+        np.concatenate([np.full((1, len(sizes)), -1, np.int32), paths]))
     object.__setattr__(self, "_lookup", {
         tuple(row): i for i, row in enumerate(items.tolist(), 1)
     })
