@@ -10,8 +10,9 @@ from taiji_jax.text.bert import BertEncoder
 from taiji_jax.text.bert import CheckpointError
 from taiji_jax.text.encoder import load_text_encoder
 from taiji_jax.text.encoder import TextEncoder
+from taiji_jax.text.vocab import Vocab
 
 __all__ = [
     "BertConfig", "BertEncoder", "CheckpointError", "TextEncoder",
-    "load_text_encoder"
+    "load_text_encoder", "Vocab"
 ]

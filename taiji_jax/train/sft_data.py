@@ -1,0 +1,169 @@
+"""Token rows for SID-LLM fine-tuning and evaluation prompts.
+
+Next-item task, packed the way SASRec trains: one row holds a user prefix
+("<bos>User: <profile>. History:") followed by the SIDs of a window of the
+user's training items, and the loss covers the SID tokens of every item
+after the first, so each training interaction is a target exactly once
+(windows from `data.pipeline.training_windows`) and a row of m items teaches
+m - 1 next-item predictions in one forward pass:
+
+  <bos> User: age 24; ... History: <a_3><b_1><c_9><d_0> <a_7>... <a_1>...
+                                   |----- item 1 -----| |-- target 2 --| ...
+
+Rows are left-padded with <pad> to one length, so the last token of every
+row is real; the decoder masks the padding. Evaluation prompts are the same
+prefix and the (up to `max_items`) most recent history items, ending where
+the next SID would start, so the trie-constrained beam search continues
+from the prompt's last logits.
+
+Alignment tasks tie SID tokens to text (TIGER-style codes mean nothing to a
+text model otherwise): item text -> SID and SID -> title, as
+"<bos>Item: <text>. SID:<answer><a_.>..</answer><eos>" with the loss on the
+answer and </answer><eos> only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from taiji_jax.data import pipeline as data_pipeline
+
+ITEM_TO_SID_TEMPLATE = "Item: {text}. SID:"
+SID_TO_TITLE_TEMPLATE = "SID {sid} is the item:"
+
+
+def user_prefixes(dataset, vocab, users: Sequence[int],
+                  max_prefix: int) -> dict[int, list[int]]:
+  """{user: <bos> + encoded "User: <profile>. History:"} in `max_prefix`.
+
+  A profile too long for the budget is cut at its end; <bos> and the
+  " History:" boundary into the SIDs are always kept whole, so it looks the
+  same in every row.
+  """
+  tail = vocab.encode(" History:")
+  keep = max_prefix - 1 - len(tail)
+  if keep < 0:
+    raise ValueError(f"max_prefix={max_prefix} cannot hold <bos> and the "
+                     f"{len(tail)} tokens of ' History:'")
+  out = {}
+  for u in set(int(u) for u in users):
+    head = vocab.encode(f"User: {dataset.user_text(u)}.") if (
+        dataset.user_features) else []
+    out[u] = [vocab.bos_id] + head[:keep] + tail
+  return out
+
+
+def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+  out = np.full((len(rows), length), pad_id, np.int32)
+  for i, row in enumerate(rows):
+    if len(row) > length:
+      raise ValueError(f"row {i} has {len(row)} tokens > length {length}")
+    out[i, length - len(row):] = row
+  return out
+
+
+def next_item_rows(sequences: Sequence[np.ndarray], users: Sequence[int],
+                   item_tokens: np.ndarray, prefixes: dict[int, list[int]],
+                   max_items: int, max_prefix: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+  """Packed training rows; see the module docstring.
+
+  Args:
+    sequences: per-user training item sequences (time order).
+    users: the user id of each sequence.
+    item_tokens: (num_items + 1, L) token ids of every item's SID.
+    prefixes: `user_prefixes(...)`.
+    max_items: window length (targets per row at most).
+    max_prefix: the prefix budget in tokens (row length = max_prefix +
+      (max_items + 1) * L).
+    pad_id: the <pad> id.
+
+  Returns:
+    {"tokens": (R, T) int32, "loss_mask": (R, T) bool (True on the tokens to
+    predict), "users": (R,) int32, "num_targets": int}.
+  """
+  levels = item_tokens.shape[1]
+  rows, masks, row_users = [], [], []
+  for seq, u in zip(sequences, users):
+    windows = data_pipeline.training_windows([seq], max_items)
+    for x, y in zip(windows["inputs"], windows["targets"]):
+      real = x > 0
+      first = int(np.argmax(real))
+      items = np.r_[x[first:], y[-1]]
+      owned = np.r_[False, y[first:] > 0]
+      prefix = prefixes[int(u)]
+      rows.append(list(prefix) + item_tokens[items].reshape(-1).tolist())
+      masks.append([False] * len(prefix) + np.repeat(owned, levels).tolist())
+      row_users.append(int(u))
+  length = max_prefix + (max_items + 1) * levels
+  tokens = _left_pad(rows, length, pad_id)
+  loss_mask = _left_pad([[int(m) for m in row] for row in masks], length,
+                        0).astype(bool)
+  return {
+      "tokens": tokens,
+      "loss_mask": loss_mask,
+      "users": np.asarray(row_users, np.int32),
+      "num_targets": int(loss_mask.sum() // levels),
+  }
+
+
+def prompt_rows(histories: np.ndarray, users: np.ndarray,
+                item_tokens: np.ndarray, prefixes: dict[int, list[int]],
+                max_items: int, max_prefix: int, pad_id: int) -> np.ndarray:
+  """(B, max_prefix + max_items * L) left-padded next-item prompts.
+
+  Args:
+    histories: (B, H) right-aligned, 0-padded item histories (the split's
+      `histories`); the last `max_items` items are used.
+  """
+  levels = item_tokens.shape[1]
+  rows = []
+  for hist, u in zip(histories, users):
+    items = hist[hist > 0][-max_items:]
+    rows.append(
+        list(prefixes[int(u)]) + item_tokens[items].reshape(-1).tolist())
+  return _left_pad(rows, max_prefix + max_items * levels, pad_id)
+
+
+def alignment_rows(dataset, vocab, item_tokens: np.ndarray, kind: str,
+                   length: int) -> dict[str, np.ndarray]:
+  """Item text -> SID ("item_to_sid") or SID -> title ("sid_to_title") rows.
+
+  Rows longer than `length` are cut from the middle of the text, so the
+  answer and the template's end are always kept.
+  """
+  rows, masks = [], []
+  answer = [vocab.answer_id]
+  for item in range(1, dataset.num_items + 1):
+    sid = item_tokens[item].tolist()
+    if kind == "item_to_sid":
+      prompt = vocab.encode(
+          ITEM_TO_SID_TEMPLATE.format(text=dataset.item_text(item)),
+          add_bos=True) + answer
+      target = sid + [vocab.answer_end_id, vocab.eos_id]
+    elif kind == "sid_to_title":
+      title = dataset.item_features.get("title", (None,) * (item + 1))[item]
+      if not title:
+        continue
+      sid_text = vocab.decode(sid)
+      prompt = vocab.encode(
+          SID_TO_TITLE_TEMPLATE.format(sid=sid_text), add_bos=True) + answer
+      target = vocab.encode(" " + title) + [vocab.answer_end_id, vocab.eos_id]
+    else:
+      raise ValueError(f"unknown alignment task {kind!r}; known "
+                       "'item_to_sid', 'sid_to_title'")
+    overflow = len(prompt) + len(target) - length
+    if overflow > 0:
+      keep = len(prompt) - overflow
+      if keep < 2:
+        raise ValueError(f"alignment row of item {item}: answer of "
+                         f"{len(target)} tokens does not fit length {length}")
+      prompt = prompt[:1] + prompt[1 + overflow:]
+    rows.append(prompt + target)
+    masks.append([0] * len(prompt) + [1] * len(target))
+  return {
+      "tokens": _left_pad(rows, length, vocab.pad_id),
+      "loss_mask": _left_pad(masks, length, 0).astype(bool),
+  }

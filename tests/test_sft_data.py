@@ -1,0 +1,118 @@
+"""SFT rows: every training interaction is a target once, prompts, alignment."""
+
+import numpy as np
+import pytest
+
+from taiji_jax.data import load_dataset
+from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.text import vocab as vocab_lib
+from taiji_jax.train import sft_data
+
+SIZES = (8, 8, 6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  dataset = load_dataset("synthetic", num_users=30, num_items=40, seed=1)
+  rng = np.random.default_rng(0)
+  flat = rng.choice(np.prod(SIZES), dataset.num_items, replace=False)
+  codes = np.stack(np.unravel_index(flat, SIZES), 1)
+  sids = sid_lib.SemanticIds(
+      np.concatenate([np.full((1, 3), -1), codes]), SIZES)
+  texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
+  texts += [dataset.user_text(u) for u in range(1, dataset.num_users + 1)]
+  vocab = vocab_lib.Vocab.build(texts, SIZES, vocab_size=400)
+  split = dataset.split_leave_one_out(max_len=20)
+  return dataset, sids, vocab, split
+
+
+def _items_of(tokens, vocab, levels=3):
+  sid = tokens.reshape(-1, levels)
+  return [tuple(vocab.ids_to_codes(np.asarray(s)).tolist()) for s in sid]
+
+
+def test_every_training_target_appears_once_with_its_history(setup):
+  dataset, sids, vocab, split = setup
+  item_tokens = vocab.item_token_table(sids)
+  users = np.arange(1, dataset.num_users + 1)
+  seqs = split["train"]["sequences"]
+  prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix=40)
+  rows = sft_data.next_item_rows(
+      seqs, users, item_tokens, prefixes, max_items=6, max_prefix=40, pad_id=0)
+  assert rows["tokens"].shape[1] == 40 + 7 * 3
+  want = sum(max(len(s) - 1, 0) for s in seqs)
+  assert rows["num_targets"] == want
+  # Rebuild (user, target position) pairs from the rows: each training
+  # target of each user is predicted exactly once, after its true history.
+  seen = []
+  row_of_user = {}
+  for tokens, mask, u in zip(rows["tokens"], rows["loss_mask"], rows["users"]):
+    u = int(u)
+    prefix = prefixes[u]
+    start = int(np.argmax(tokens != 0))
+    assert tokens[start:start + len(prefix)].tolist() == prefix
+    assert not mask[:start + len(prefix)].any()
+    body = tokens[start + len(prefix):]
+    items = [sids.sid_to_item(c) for c in _items_of(body, vocab)]
+    body_mask = mask[start + len(prefix):].reshape(-1, 3)
+    assert np.all(body_mask.all(1) | ~body_mask.any(1))  # whole SIDs only
+    # Windows of a user run backwards from the end, max_items apart: the
+    # r-th one ends at the sequence's position len - 1 - 6 r, and its items
+    # are the contiguous run of the sequence before that.
+    r = row_of_user[u] = row_of_user.get(u, -1) + 1
+    seq = list(seqs[u - 1])
+    last = len(seq) - 1 - 6 * r
+    first = last - len(items) + 1
+    assert first >= 0 and seq[first:last + 1] == items
+    seen += [(u, first + j) for j in np.flatnonzero(body_mask[:, 0])]
+  assert len(seen) == len(set(seen)) == want
+  assert set(seen) == {
+      (u, p) for u, s in zip(users, seqs) for p in range(1, len(s))
+  }
+
+
+def test_prompts_end_with_the_latest_history_sids(setup):
+  dataset, sids, vocab, split = setup
+  item_tokens = vocab.item_token_table(sids)
+  test = split["test"]
+  prefixes = sft_data.user_prefixes(dataset, vocab, test["users"], 40)
+  prompts = sft_data.prompt_rows(test["histories"], test["users"], item_tokens,
+                                 prefixes, 5, 40, 0)
+  assert prompts.shape == (len(test["users"]), 40 + 15)
+  for row, hist in zip(prompts, test["histories"]):
+    last = hist[hist > 0][-5:]
+    np.testing.assert_array_equal(row[-15:][-3 * len(last):],
+                                  item_tokens[last].reshape(-1))
+    assert row[-1] != 0
+
+
+def test_long_profiles_are_cut_keeping_bos_and_the_template_end(setup):
+  dataset, _, vocab, _ = setup
+  tail = len(vocab.encode(" History:"))
+  full = sft_data.user_prefixes(dataset, vocab, [1], max_prefix=500)[1]
+  assert vocab.decode(full[1:]) == f"User: {dataset.user_text(1)}. History:"
+  ids = sft_data.user_prefixes(dataset, vocab, [1], max_prefix=tail + 4)[1]
+  assert len(ids) == tail + 4 and ids[0] == vocab.bos_id
+  assert ids[1:4] == full[1:4]
+  assert vocab.decode(ids[1:]).endswith(" History:")
+  with pytest.raises(ValueError, match="cannot hold <bos>"):
+    sft_data.user_prefixes(dataset, vocab, [1], max_prefix=tail)
+
+
+def test_alignment_rows_have_loss_on_the_answer_only(setup):
+  dataset, sids, vocab, _ = setup
+  item_tokens = vocab.item_token_table(sids)
+  rows = sft_data.alignment_rows(dataset, vocab, item_tokens, "item_to_sid", 64)
+  assert len(rows["tokens"]) == dataset.num_items
+  for item, (tokens,
+             mask) in enumerate(zip(rows["tokens"], rows["loss_mask"]), 1):
+    target = tokens[mask]
+    assert target[:3].tolist() == item_tokens[item].tolist()
+    assert target[3:].tolist() == [vocab.answer_end_id, vocab.eos_id]
+    assert tokens[~mask & (tokens != 0)][-1] == vocab.answer_id
+  titles = sft_data.alignment_rows(dataset, vocab, item_tokens, "sid_to_title",
+                                   64)
+  first = titles["tokens"][0][titles["loss_mask"][0]]
+  assert vocab.decode(first[:-2]) == " " + dataset.item_features["title"][1]
+  with pytest.raises(ValueError, match="unknown alignment task"):
+    sft_data.alignment_rows(dataset, vocab, item_tokens, "x", 64)
