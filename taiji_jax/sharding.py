@@ -9,8 +9,9 @@ or FSDP x tensor-parallel on a TPU pod, by changing only the config.
 Logical names used across the codebase:
   batch     examples in a batch              vocab    token / item table rows
   length    sequence positions               embed    model width
-  mlp       feed-forward hidden width        heads    attention heads
-  kv        per-head width                   (others: replicated)
+  mlp       feed-forward hidden width        heads    attention (query) heads
+  kv        per-head width                   kv_heads key/value heads (GQA)
+  (others: replicated)
 
 A dimension is only sharded over mesh axes whose total size divides it;
 otherwise that dimension is replicated (e.g. 1,683 MovieLens item rows on a
@@ -40,6 +41,7 @@ DEFAULT_RULES: Rules = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("length", None),
 )
