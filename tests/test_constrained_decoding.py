@@ -209,3 +209,72 @@ def test_temperature_sampling_matches_the_constrained_distribution():
   counts = np.bincount(np.asarray(out.items[:, 0]), minlength=9)[1:] / n
   np.testing.assert_allclose(
       counts, [probs[i] for i in range(1, 9)], atol=0.015)
+
+
+def _random_decoder_setup(num_items=60, seed=11):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from taiji_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  sids = _sids(num_items=num_items, seed=seed)
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=VOCAB + 6)
+  model = decoder_lib.Decoder(cfg, rngs=nnx.Rngs(seed))
+  # Larger logits than the default init, so the model has strong opinions
+  # that the constraint must override.
+  model.embed[...] = model.embed[...] * 40.0
+  return sids, model
+
+
+def _run_decoder(fn, model, *args, **kwargs):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, *args):
+    return fn(nnx.merge(graphdef, state), *args, **kwargs)
+
+  return run(state, *args)
+
+
+@pytest.mark.parametrize("mode", ["beam", "sample_t0.5", "sample_t2"])
+def test_ten_thousand_decodes_from_a_random_decoder_are_valid(mode):
+  from taiji_jax.generate import recommend  # pylint: disable=g-import-not-at-top
+  sids, model = _random_decoder_setup()
+  rng = np.random.default_rng(12)
+  beams = 5
+  n = 2_000 if mode == "beam" else 10_000
+  prompts = rng.integers(0, VOCAB + 6, (n, 6))
+  prompts[:, :2] = np.where(rng.random((n, 2)) < 0.5, 0, prompts[:, :2])
+  prompts[:, -1] = np.maximum(prompts[:, -1], 1)  # last token is real
+  history = jnp.asarray(rng.integers(0, 61, (n, 15)))
+  if mode == "beam":
+    out = _run_decoder(
+        lambda m, p, h: recommend.recommend(
+            m, p, sids.trie, OFFSETS, beams, exclude_bh=h, paths=sids.paths),
+        model, jnp.asarray(prompts), history)
+  else:
+    temperature = float(mode.split("_t")[1])
+    out = _run_decoder(
+        lambda m, p, h: recommend.sample_items(
+            m,
+            p,
+            sids.trie,
+            OFFSETS,
+            jax.random.key(3),
+            temperature=temperature,
+            exclude_bh=h,
+            paths=sids.paths), model, jnp.asarray(prompts), history)
+  items = np.asarray(out.items)
+  assert items.size == 10_000
+  assert np.all((items >= 1) & (items <= sids.num_items))
+  assert not np.any(items[:, :, None] == np.asarray(history)[:, None, :])
+  np.testing.assert_array_equal(np.asarray(out.codes), sids.codes[items])
+  assert all(len(set(row)) == row.size for row in items)
+  assert np.all(np.isfinite(np.asarray(out.scores)))
+  # Unconstrained, this model's first token is mostly not a valid first SID
+  # token: the constraint, not the model, keeps the outputs valid.
+  logits = np.asarray(
+      model(
+          jnp.asarray(prompts[:500]),
+          attention_mask_bt=jnp.asarray(prompts[:500] != 0)))
+  first = logits[:, -1].argmax(-1) - OFFSETS[0]
+  valid_first = set(np.unique(sids.codes[1:, 0]).tolist())
+  assert np.mean([f in valid_first for f in first]) < 0.5

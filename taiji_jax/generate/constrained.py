@@ -46,12 +46,14 @@ class Decoded(NamedTuple):
   codes: jax.Array
 
 
-def reorder_cache(cache: Any, index_n: jax.Array) -> Any:
-  """Gathers the per-row leaves of `cache` (leading dim == len(index_n))."""
-  n = index_n.shape[0]
+def reorder_cache(cache: Any, index: jax.Array, num_rows: int) -> Any:
+  """Gathers rows `index` of every per-row leaf (leading dim == num_rows).
+
+  Other leaves (scalars, shared tables) are kept as they are.
+  """
   return jax.tree.map(
-      lambda x: x[index_n]
-      if getattr(x, "ndim", 0) >= 1 and x.shape[0] == n else x, cache)
+      lambda x: x[index]
+      if getattr(x, "ndim", 0) >= 1 and x.shape[0] == num_rows else x, cache)
 
 
 def _level_logprobs(logits_nv: jax.Array,
@@ -133,7 +135,7 @@ def beam_search(step_fn: StepFn,
   levels = len(trie)
   n = b * w
   rows = jnp.repeat(jnp.arange(b), w)
-  cache = reorder_cache(cache, rows)
+  cache = reorder_cache(cache, rows, b)
   logits_nv = first_logits_bv[rows]
   excluded_nhl = _excluded(exclude_bh, paths, rows)
   # Only beam 0 of each prompt is live at the start (all are identical).
@@ -157,7 +159,7 @@ def beam_search(step_fn: StepFn,
     child_n = items_nk[flat_parent, token_bw.reshape(-1)]
     if l + 1 < levels:
       node_n = jnp.maximum(child_n, 0)  # dead beams park on node 0
-      cache = reorder_cache(cache, flat_parent)
+      cache = reorder_cache(cache, flat_parent, n)
       logits_nv, cache = step_fn(
           (token_bw.reshape(-1) + level_offsets[l]).astype(jnp.int32), cache)
     else:
