@@ -242,6 +242,7 @@ class DecoderConfig:
     if hf.get("use_sliding_window", False):
       raise NotImplementedError("sliding-window attention is not supported.")
     num_heads = hf["num_attention_heads"]
+    rope = _rope_parameters(hf)
     kwargs = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -250,14 +251,29 @@ class DecoderConfig:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         intermediate_size=hf["intermediate_size"],
         head_dim=hf.get("head_dim"),
-        rope_theta=float(hf.get("rope_theta", 10_000.0)),
-        rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling")),
+        rope_theta=float(rope.get("rope_theta", 10_000.0)),
+        rope_scaling=_rope_scaling_from_hf(rope),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=(model_type == "qwen2" or
                         bool(hf.get("attention_bias", False))))
     return cls(**{**kwargs, **overrides})
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+  """RoPE base and scaling in one dict, from either config.json format.
+
+  transformers >= 5 writes `rope_parameters` ({"rope_type", "rope_theta",
+  scaling fields}); older versions write top-level `rope_theta` and
+  `rope_scaling`. Reading only the old keys would silently give a v5
+  Qwen2 (theta 1e6) the default theta 1e4.
+  """
+  if hf.get("rope_parameters"):
+    return hf["rope_parameters"]
+  params = dict(hf.get("rope_scaling") or {})
+  params["rope_theta"] = hf.get("rope_theta", 10_000.0)
+  return params
 
 
 def _rope_scaling_from_hf(spec: Mapping[str, Any] | None) -> RopeScaling | None:

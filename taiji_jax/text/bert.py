@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-from safetensors import numpy as safetensors_np
 
 from taiji_jax import sharding
 from taiji_jax.models import layers
@@ -293,16 +292,118 @@ class BertEncoder(nnx.Module):
 # ---------------------------------------------------------------------------
 # Hugging Face checkpoints.
 
+# The checkpoint helpers below (TensorSpec, SafetensorsFile, check_tensors,
+# param_at) are shared with `taiji_jax.models.hf_import`, the decoder loader.
+
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class TensorSpec:
   """Where one HF tensor goes: module path, HF shape, HF -> ours layout."""
   path: tuple[str | int, ...]
   hf_shape: tuple[int, ...]
   convert: Callable[[np.ndarray], np.ndarray]
 
 
-def hf_layout(cfg: BertConfig) -> dict[str, _Tensor]:
+class SafetensorsFile:
+  """One safetensors file, read a tensor at a time into host NumPy arrays.
+
+  Opening reads only the header (names and shapes), so a loader can check a
+  whole checkpoint before reading any data and then hold one tensor in host
+  memory at a time. bfloat16 tensors come back as `ml_dtypes.bfloat16`
+  arrays (imported with JAX, which is what lets safetensors' NumPy reader
+  understand the type). Use as a context manager; errors name the file.
+
+  Attributes:
+    path: the file.
+    shapes: tensor name -> shape, in the file's order.
+  """
+
+  def __init__(self, path: os.PathLike | str):
+    self.path = pathlib.Path(path)
+    try:
+      self._file = safetensors.safe_open(str(self.path), framework="numpy")
+      self.shapes = {
+          key: tuple(self._file.get_slice(key).get_shape())
+          for key in self._file.keys()
+      }
+    except (OSError, safetensors.SafetensorError) as e:
+      raise CheckpointError(f"{self.path}: cannot read safetensors: {e}") from e
+
+  def read(self, key: str) -> np.ndarray:
+    try:
+      return self._file.get_tensor(key)
+    except (OSError, TypeError, safetensors.SafetensorError) as e:
+      raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: "
+                            f"{e}") from e
+
+  def __enter__(self) -> SafetensorsFile:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._file.__exit__(*exc_info)
+
+
+def check_tensors(source: os.PathLike | str,
+                  shapes: Mapping[str, tuple[int, ...]],
+                  layout: Mapping[str, TensorSpec],
+                  *,
+                  model_name: str,
+                  originals: Mapping[str, str] | None = None,
+                  ignored: Callable[[str], bool] = lambda name: False,
+                  files: Mapping[str, os.PathLike | str] | None = None) -> None:
+  """Checks a checkpoint's tensor names and shapes against a layout.
+
+  All problems are collected first, so one error lists every missing,
+  unexpected and mis-shaped tensor rather than the first of them.
+
+  Args:
+    source: the checkpoint, as the message should name it (the file, or the
+      index of a checkpoint split over several files).
+    shapes: tensor name (canonical, as in `layout`) -> shape in the file.
+    layout: tensor name -> where the model needs it.
+    model_name: the model, for the message ("BERT", ...).
+    originals: name -> the key as stored, for the message (default: the
+      name itself).
+    ignored: names that may be present without being loaded.
+    files: name -> the file holding it; given for checkpoints of several
+      files, so a mis-shaped tensor is named with its file.
+
+  Raises:
+    CheckpointError: naming `source` and every offending tensor.
+  """
+  originals = originals or {}
+
+  def shown(name):
+    return originals.get(name, name)
+
+  problems = []
+  missing = sorted(set(layout) - set(shapes))
+  if missing:
+    problems.append(f"missing tensors {missing}")
+  unexpected = sorted(
+      shown(k) for k in set(shapes) - set(layout) if not ignored(k))
+  if unexpected:
+    problems.append(f"unexpected tensors {unexpected}")
+  for name, spec in layout.items():
+    if name in shapes and tuple(shapes[name]) != spec.hf_shape:
+      where = f" in {files[name]}" if files else ""
+      problems.append(f"tensor {shown(name)!r}{where} has shape "
+                      f"{tuple(shapes[name])}, the config needs "
+                      f"{spec.hf_shape}")
+  if problems:
+    raise CheckpointError(f"{source} does not match the {model_name} "
+                          "model:\n  " + "\n  ".join(problems))
+
+
+def param_at(module: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
+  """The variable at a `TensorSpec.path` (attribute names, list indices)."""
+  node = module
+  for part in path:
+    node = node[part] if isinstance(part, int) else getattr(node, part)
+  return node
+
+
+def hf_layout(cfg: BertConfig) -> dict[str, TensorSpec]:
   """HF tensor name (without a "bert." prefix) -> where it is loaded.
 
   HF Linear weights are (out, in); ours are (in, out), with the attention
@@ -313,48 +414,49 @@ def hf_layout(cfg: BertConfig) -> dict[str, _Tensor]:
   same = lambda x: x
   layout = {
       "embeddings.word_embeddings.weight":
-          _Tensor(("embeddings", "word"), (cfg.vocab_size, d), same),
+          TensorSpec(("embeddings", "word"), (cfg.vocab_size, d), same),
       "embeddings.position_embeddings.weight":
-          _Tensor(("embeddings", "position"), (cfg.max_position_embeddings, d),
-                  same),
+          TensorSpec(("embeddings", "position"),
+                     (cfg.max_position_embeddings, d), same),
       "embeddings.token_type_embeddings.weight":
-          _Tensor(("embeddings", "token_type"), (cfg.type_vocab_size, d), same),
+          TensorSpec(("embeddings", "token_type"), (cfg.type_vocab_size, d),
+                     same),
       "embeddings.LayerNorm.weight":
-          _Tensor(("embeddings", "ln", "scale"), (d,), same),
+          TensorSpec(("embeddings", "ln", "scale"), (d,), same),
       "embeddings.LayerNorm.bias":
-          _Tensor(("embeddings", "ln", "bias"), (d,), same),
+          TensorSpec(("embeddings", "ln", "bias"), (d,), same),
   }
   for i in range(cfg.num_hidden_layers):
     hf, ours = f"encoder.layer.{i}.", ("layers", i)
     for name in ("query", "key", "value"):
-      layout[f"{hf}attention.self.{name}.weight"] = _Tensor(
+      layout[f"{hf}attention.self.{name}.weight"] = TensorSpec(
           ours + ("attention", f"w_{name}"), (n * h, d),
           lambda w: w.T.reshape(d, n, h))
-      layout[f"{hf}attention.self.{name}.bias"] = _Tensor(
+      layout[f"{hf}attention.self.{name}.bias"] = TensorSpec(
           ours + ("attention", f"b_{name}"), (n * h,),
           lambda b: b.reshape(n, h))
     layout.update({
         f"{hf}attention.output.dense.weight":
-            _Tensor(ours + ("attention", "w_out"), (d, n * h),
-                    lambda w: w.T.reshape(n, h, d)),
+            TensorSpec(ours + ("attention", "w_out"), (d, n * h),
+                       lambda w: w.T.reshape(n, h, d)),
         f"{hf}attention.output.dense.bias":
-            _Tensor(ours + ("attention", "b_out"), (d,), same),
+            TensorSpec(ours + ("attention", "b_out"), (d,), same),
         f"{hf}attention.output.LayerNorm.weight":
-            _Tensor(ours + ("ln_attention", "scale"), (d,), same),
+            TensorSpec(ours + ("ln_attention", "scale"), (d,), same),
         f"{hf}attention.output.LayerNorm.bias":
-            _Tensor(ours + ("ln_attention", "bias"), (d,), same),
+            TensorSpec(ours + ("ln_attention", "bias"), (d,), same),
         f"{hf}intermediate.dense.weight":
-            _Tensor(ours + ("ffn", "w_in"), (m, d), lambda w: w.T),
+            TensorSpec(ours + ("ffn", "w_in"), (m, d), lambda w: w.T),
         f"{hf}intermediate.dense.bias":
-            _Tensor(ours + ("ffn", "b_in"), (m,), same),
+            TensorSpec(ours + ("ffn", "b_in"), (m,), same),
         f"{hf}output.dense.weight":
-            _Tensor(ours + ("ffn", "w_out"), (d, m), lambda w: w.T),
+            TensorSpec(ours + ("ffn", "w_out"), (d, m), lambda w: w.T),
         f"{hf}output.dense.bias":
-            _Tensor(ours + ("ffn", "b_out"), (d,), same),
+            TensorSpec(ours + ("ffn", "b_out"), (d,), same),
         f"{hf}output.LayerNorm.weight":
-            _Tensor(ours + ("ln_ffn", "scale"), (d,), same),
+            TensorSpec(ours + ("ln_ffn", "scale"), (d,), same),
         f"{hf}output.LayerNorm.bias":
-            _Tensor(ours + ("ln_ffn", "bias"), (d,), same),
+            TensorSpec(ours + ("ln_ffn", "bias"), (d,), same),
     })
   return layout
 
@@ -388,41 +490,26 @@ def load_safetensors(model: BertEncoder, path: os.PathLike | str) -> None:
       the model does not know, or a tensor's shape differs from the config's;
       the message names the file and every offending tensor.
   """
-  path = pathlib.Path(path)
-  try:
-    raw = safetensors_np.load_file(str(path))
-  except (OSError, safetensors.SafetensorError) as e:
-    raise CheckpointError(f"{path}: cannot read safetensors: {e}") from e
-  tensors, originals = {}, {}
-  for key, value in raw.items():
-    name = _canonical_name(key)
-    if name in tensors:
-      raise CheckpointError(f"{path}: tensors {originals[name]!r} and {key!r} "
-                            f"both map to {name!r}.")
-    tensors[name], originals[name] = value, key
-  layout = hf_layout(model.cfg)
-  problems = []
-  missing = sorted(set(layout) - set(tensors))
-  if missing:
-    problems.append(f"missing tensors {missing}")
-  unexpected = sorted(
-      originals[k] for k in set(tensors) - set(layout) if not _ignored(k))
-  if unexpected:
-    problems.append(f"unexpected tensors {unexpected}")
-  for name, spec in layout.items():
-    if name in tensors and tuple(tensors[name].shape) != spec.hf_shape:
-      problems.append(f"tensor {originals[name]!r} has shape "
-                      f"{tuple(tensors[name].shape)}, the config needs "
-                      f"{spec.hf_shape}")
-  if problems:
-    raise CheckpointError(f"{path} does not match the BERT model:\n  " +
-                          "\n  ".join(problems))
-  for name, spec in layout.items():
-    param = model
-    for part in spec.path:
-      param = param[part] if isinstance(part, int) else getattr(param, part)
-    value = spec.convert(np.asarray(tensors[name]))
-    param.set_value(jnp.asarray(value, dtype=param.get_value().dtype))
+  with SafetensorsFile(path) as f:
+    shapes, originals = {}, {}
+    for key, shape in f.shapes.items():
+      name = _canonical_name(key)
+      if name in shapes:
+        raise CheckpointError(f"{f.path}: tensors {originals[name]!r} and "
+                              f"{key!r} both map to {name!r}.")
+      shapes[name], originals[name] = shape, key
+    layout = hf_layout(model.cfg)
+    check_tensors(
+        f.path,
+        shapes,
+        layout,
+        model_name="BERT",
+        originals=originals,
+        ignored=_ignored)
+    for name, spec in layout.items():
+      param = param_at(model, spec.path)
+      value = spec.convert(f.read(originals[name]))
+      param.set_value(jnp.asarray(value, dtype=param.get_value().dtype))
 
 
 def load_pretrained(directory: os.PathLike | str,
