@@ -48,3 +48,22 @@ def load_config_file(path: str | pathlib.Path,
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   **dotted: Any) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with `a.b.c=value` fields replaced.
+
+  For notebooks and tests: `with_overrides(c, **{"train.lr": 1e-3})`. An
+  unknown key is an error, as with `--config.a.b.c` on the command line.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in dotted.items():
+    target = config
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    if last not in target:
+      raise KeyError(f"config has no field {key!r}")
+    target[last] = value
+  return config.lock()

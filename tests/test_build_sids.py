@@ -16,15 +16,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def _smoke(**overrides):
   config = config_lib.load_config_file(CONFIGS / "ml100k_sids.py", "smoke")
-  config.unlock()
-  config.progress_bar = False
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return config.lock()
+  return config_lib.with_overrides(config, progress_bar=False, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -203,29 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   key = jax.random.key(config.seed)
   metric_key = f"valid/{config.eval.early_stop_metric}"
 
-  state = setup.state
-  best_params = setup.copy_params(state["params"])
-  meta = {
-      "epoch": 0,
-      "best": -1.0,
-      "best_epoch": 0,
-      "bad_evals": 0,
-      "done": False
-  }
-  if ckpt.latest_step() is not None:
-    abstract = checkpointing.abstract_like(
-        {
-            "state": state,
-            "best_params": best_params
-        }, {
-            "state": setup.state_shardings,
-            "best_params": setup.state_shardings["params"]
-        })
-    restored, meta = ckpt.restore(abstract)
-    state, best_params = restored["state"], restored["best_params"]
+  state, best_params, meta, resumed = checkpointing.resume_training(
+      ckpt, setup.state, setup.copy_params(setup.state["params"]),
+      setup.state_shardings)
+  if resumed:
     iterator.set_state(meta.pop("data_iter"))
-    logging.info("resumed from %s at epoch %d (step %d)", ckpt.directory,
-                 meta["epoch"], int(state["step"]))
   step = int(state["step"])  # host copy, to avoid a device sync per step
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
 

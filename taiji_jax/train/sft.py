@@ -1,0 +1,427 @@
+"""Supervised fine-tuning of the SID decoder on next-item rows; resumable.
+
+`train_and_evaluate(config, workdir)` is the whole stage; the absl entry
+point `experiments/train_sft.py` and notebooks call it. It reads the
+semantic IDs of the sids stage (`config.sids_workdir`, default
+`<workdir>/../sids`) and writes into the workdir:
+
+  config.json      the config (a resumed run must use the same one)
+  vocab/           the sentencepiece + SID vocabulary (reused when the texts
+                   and codebooks are unchanged)
+  checkpoints/     orbax: train state, best parameters and early-stopping
+                   state, every `checkpoint_every_epochs` evaluated epochs and
+                   at the end
+  metrics.jsonl    per-epoch train loss and valid metrics (process 0)
+  results.json     {"valid": {...}, "test": {...}} of the best-valid params,
+                   in the format of the SASRec stage
+
+Training rows are `sft_data.next_item_rows` of the training split (every
+training interaction is a target once), plus the optional item-text -> SID
+and SID -> title alignment rows, shuffled every epoch by a numpy RNG seeded
+with (seed, epoch). Evaluation prompts the model with each user's profile and
+recent history and ranks items by trie-constrained beam search (beams =
+max(ks)) that never returns an item the user has seen, the candidate set of
+SASRec's masked full ranking.
+
+Resume order: the latest checkpoint in `<workdir>/checkpoints` (saved at
+epoch ends, so the data order resumes with the next epoch's permutation),
+else a fresh initialisation from `config.seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from taiji_jax import sharding
+from taiji_jax.evaluate import full_ranking
+from taiji_jax.evaluate import metrics as metrics_lib
+from taiji_jax.generate import recommend as recommend_lib
+from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.text import vocab as vocab_lib
+from taiji_jax.train import build_sids
+from taiji_jax.train import checkpointing
+from taiji_jax.train import metric_writer
+from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import sft_data
+from taiji_jax.train import workdir as workdir_lib
+
+PRESETS = ("tiny", "small")
+ALIGNMENT_TASKS = ("item_to_sid", "sid_to_title")
+
+
+def sids_dir(config: ml_collections.ConfigDict,
+             workdir: os.PathLike | str) -> pathlib.Path:
+  """Where the SIDs are read from: `config.sids_workdir` or `../sids`."""
+  if config.sids_workdir:
+    return pathlib.Path(config.sids_workdir)
+  return pathlib.Path(workdir).absolute().parent / "sids"
+
+
+def load_sids(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
+              dataset) -> sid_lib.SemanticIds:
+  """The sids stage's `SemanticIds`, checked against the dataset."""
+  path = sids_dir(config, workdir)
+  if not (path / sid_lib.FILE_NAME).is_file():
+    raise FileNotFoundError(
+        f"no {sid_lib.FILE_NAME} in {path}: run the sids stage first "
+        f"(experiments/build_sids.py --workdir {path}) or set "
+        "--config.sids_workdir.")
+  return sid_lib.SemanticIds.load(path, dataset.item_raw_ids)
+
+
+def vocab_texts(dataset) -> list[str]:
+  """The texts the vocabulary is trained on: items, users, templates."""
+  texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
+  if dataset.user_features:
+    texts += [
+        f"User: {dataset.user_text(u)}." for u in range(1, dataset.num_users +
+                                                        1)
+    ]
+  texts += [
+      " History:", sft_data.ITEM_TO_SID_TEMPLATE, sft_data.SID_TO_TITLE_TEMPLATE
+  ]
+  return texts
+
+
+def build_vocab(config: ml_collections.ConfigDict, dataset,
+                sids: sid_lib.SemanticIds,
+                workdir: os.PathLike | str) -> vocab_lib.Vocab:
+  return vocab_lib.Vocab.build(
+      vocab_texts(dataset),
+      sids.codebook_sizes,
+      vocab_size=config.vocab.size,
+      model_type=config.vocab.model_type,
+      seed=config.seed,
+      workdir=pathlib.Path(workdir) / "vocab")
+
+
+def row_length(config: ml_collections.ConfigDict, levels: int) -> int:
+  """Tokens per training row: prefix + (max_items + 1) SIDs."""
+  return config.max_prefix + (config.max_items + 1) * levels
+
+
+def training_rows(config: ml_collections.ConfigDict, dataset, split, vocab,
+                  item_tokens: np.ndarray,
+                  prefixes: dict[int, list[int]]) -> dict[str, np.ndarray]:
+  """{"tokens", "loss_mask"} (R, T) of every training task, unshuffled.
+
+  `config.tasks.<alignment task>` is how many copies of that task's rows go
+  into each epoch (0 leaves it out).
+  """
+  train = split["train"]
+  rows = sft_data.next_item_rows(train["sequences"], train["users"],
+                                 item_tokens, prefixes, config.max_items,
+                                 config.max_prefix, vocab.pad_id)
+  tokens, masks = [rows["tokens"]], [rows["loss_mask"]]
+  length = rows["tokens"].shape[1]
+  for task in ALIGNMENT_TASKS:
+    copies = int(config.tasks[task])
+    if copies <= 0:
+      continue
+    extra = sft_data.alignment_rows(dataset, vocab, item_tokens, task, length)
+    tokens += [extra["tokens"]] * copies
+    masks += [extra["loss_mask"]] * copies
+  return {"tokens": np.concatenate(tokens), "loss_mask": np.concatenate(masks)}
+
+
+def epoch_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int,
+                  epoch: int):
+  """Fixed-shape shuffled batches of one epoch.
+
+  The permutation depends only on (seed, epoch), so a resumed run sees the
+  same data order; the last batch is filled up with the first rows of the
+  permutation (a few rows are seen twice per epoch, never a new shape).
+  """
+  n = len(rows["tokens"])
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  steps = -(-n // batch_size)
+  order = np.resize(order, steps * batch_size)
+  for s in range(steps):
+    idx = order[s * batch_size:(s + 1) * batch_size]
+    yield {k: v[idx] for k, v in rows.items()}
+
+
+def model_config(config: ml_collections.ConfigDict,
+                 vocab_size: int) -> decoder_lib.DecoderConfig:
+  """`DecoderConfig.<preset>(vocab_size, **config.model.overrides)`."""
+  if config.model.preset not in PRESETS:
+    raise ValueError(f"config.model.preset must be one of {PRESETS}, got "
+                     f"{config.model.preset!r}.")
+  preset = getattr(decoder_lib.DecoderConfig, config.model.preset)
+  return preset(vocab_size=vocab_size, **config.model.overrides.to_dict())
+
+
+def sft_loss(model, batch, pad_id: int):
+  """Next-token loss on the masked-in tokens of a batch of rows.
+
+  Input t predicts token t + 1, so the loss mask is shifted with the
+  targets; padding is never attended.
+
+  Returns:
+    (mean loss, number of target tokens).
+  """
+  inputs_bt = batch["tokens"][:, :-1]
+  logits_btv = model(inputs_bt, attention_mask_bt=inputs_bt != pad_id)
+  return decoder_lib.next_token_loss(logits_btv, batch["tokens"][:, 1:],
+                                     batch["loss_mask"][:, 1:])
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything compiled for one run: model structure, steps, shardings."""
+  graphdef: Any
+  state: Any
+  state_shardings: Any
+  train_step: Any
+  eval_step: Any
+  copy_params: Any
+  put_batch: Any
+  mesh: Any
+
+
+def build(config: ml_collections.ConfigDict,
+          model_cfg: decoder_lib.DecoderConfig, total_steps: int,
+          mesh: jax.sharding.Mesh, sids: sid_lib.SemanticIds,
+          vocab: vocab_lib.Vocab) -> Setup:
+  """Abstract init -> shardings -> sharded init and jitted steps."""
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  tx = sasrec_trainer.make_optimizer(config, total_steps)
+  pad_id = vocab.pad_id
+
+  def init_state():
+    model = decoder_lib.Decoder(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    params = nnx.state(model, nnx.Param)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32)
+    }
+
+  graphdef, _, rest = nnx.split(
+      decoder_lib.abstract_decoder(model_cfg), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("the decoder must hold only parameters.")
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+
+  def train_step(state, batch):
+    (loss, count), grads = jax.value_and_grad(
+        lambda p: sft_loss(nnx.merge(graphdef, p), batch, pad_id),
+        has_aux=True)(
+            state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "loss": loss,
+        "targets": count,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": state["step"] + 1
+    }, metrics
+
+  ks = tuple(sorted(config.eval.ks))
+  trie, paths = sids.trie, sids.paths
+  offsets = tuple(int(o) for o in vocab.level_offsets)
+
+  def eval_step(params, batch):
+    decoded = recommend_lib.recommend(
+        nnx.merge(graphdef, params),
+        batch["histories"],  # the prompts (see `_eval_split`)
+        trie,
+        offsets,
+        max(ks),
+        pad_id=pad_id,
+        exclude_bh=batch["seen_items"],
+        paths=paths)
+    items_bk = decoded.items
+    out = metrics_lib.ranking_metrics(items_bk, batch["targets"], ks)
+    seen_bks = items_bk[:, :, None] == batch["seen_items"][:, None, :]
+    legal_bk = (items_bk > 0) & ~jnp.any(
+        seen_bks & (batch["seen_items"][:, None, :] > 0), axis=-1)
+    out["legal_items"] = jnp.all(legal_bk, axis=1).astype(jnp.float32)
+    return out
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def put_batch(batch):
+    return {
+        k:
+            jax.device_put(v,
+                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
+        for k, v in batch.items()
+    }
+
+  jit_train = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, None),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+  copy_params = jax.jit(
+      lambda p: jax.tree.map(jnp.copy, p),
+      out_shardings=state_shardings["params"])
+  return Setup(graphdef, state, state_shardings, jit_train, jax.jit(eval_step),
+               copy_params, put_batch, mesh)
+
+
+def _eval_split(part: dict[str, np.ndarray], item_tokens: np.ndarray,
+                prefixes: dict[int,
+                               list[int]], config: ml_collections.ConfigDict,
+                pad_id: int) -> dict[str, np.ndarray]:
+  """The split part with its prompts in place of the item histories.
+
+  `full_ranking.evaluate` batches it (padding rows with zeros, which are
+  excluded from the means); an all-padding prompt row is replaced by the
+  first prompt in `put` so every decoded row is well defined.
+  """
+  prompts = sft_data.prompt_rows(part["histories"], part["users"], item_tokens,
+                                 prefixes, config.max_items, config.max_prefix,
+                                 pad_id)
+  return dict(part, histories=prompts)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: os.PathLike | str) -> dict[str, Any]:
+  """Fine-tunes the decoder with early stopping on valid; results.json."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_or_check_config(workdir, config)
+  dataset = build_sids.load_dataset(config)
+  split = dataset.split_leave_one_out(config.max_items)
+  sids = load_sids(config, workdir, dataset)
+  vocab = build_vocab(config, dataset, sids, workdir)
+  item_tokens = vocab.item_token_table(sids)
+  users = np.arange(1, dataset.num_users + 1)
+  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
+  rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes)
+  logging.info("dataset %s: %s; %d training rows of %d tokens, vocab %d",
+               dataset.name, dataset.statistics(), len(rows["tokens"]),
+               rows["tokens"].shape[1], vocab.size)
+
+  batch_size = config.train.batch_size
+  steps_per_epoch = -(-len(rows["tokens"]) // batch_size)
+  total_steps = steps_per_epoch * config.train.num_epochs
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model_cfg = model_config(config, vocab.size)
+  setup = build(config, model_cfg, total_steps, mesh, sids, vocab)
+  logging.info("decoder %s: %d parameters", model_cfg,
+               decoder_lib.count_params(model_cfg))
+  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
+  metric_key = f"valid/{config.eval.early_stop_metric}"
+
+  state, best_params, meta, _ = checkpointing.resume_training(
+      ckpt, setup.state, setup.copy_params(setup.state["params"]),
+      setup.state_shardings)
+  step = int(state["step"])
+  writer = metric_writer.MetricWriter(workdir, resume_step=step)
+  eval_parts = {
+      part:
+          _eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id)
+      for part in ("valid", "test")
+  }
+
+  def put_eval(batch):
+    prompts = batch["histories"]
+    empty = prompts[:, -1] == vocab.pad_id
+    batch = dict(
+        batch, histories=np.where(empty[:, None], prompts[:1], prompts))
+    return setup.put_batch(batch)
+
+  def evaluate(params, part):
+    return full_ranking.evaluate(setup.eval_step, params, eval_parts[part],
+                                 config.eval.batch_size, put_eval)
+
+  progress = tqdm.trange(
+      meta["epoch"],
+      config.train.num_epochs,
+      initial=meta["epoch"],
+      total=config.train.num_epochs,
+      desc=f"sft {dataset.name}",
+      unit="epoch",
+      disable=meta["done"] or not config.progress_bar)
+  with sharding.use_mesh(mesh, rules):
+    for epoch in progress:
+      if meta["done"]:
+        break
+      t0 = time.perf_counter()
+      losses = []
+      for batch in epoch_batches(rows, batch_size, config.seed, epoch):
+        state, step_metrics = setup.train_step(state, setup.put_batch(batch))
+        losses.append(step_metrics["loss"])
+        step += 1
+      losses = np.asarray(jax.device_get(losses))
+      if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"non-finite training loss at epoch {epoch + 1}, step {step}: "
+            f"{losses.tolist()}; lower config.train.lr or check the data.")
+      record = {
+          "epoch": epoch + 1,
+          "train/loss": float(losses.mean()),
+          "train/epoch_seconds": time.perf_counter() - t0
+      }
+      evaluated = (epoch + 1) % config.eval.every_epochs == 0 or (
+          epoch + 1 == config.train.num_epochs)
+      if evaluated:
+        t1 = time.perf_counter()
+        valid = evaluate(state["params"], "valid")
+        record.update({f"valid/{k}": v for k, v in valid.items()})
+        record["valid/seconds"] = time.perf_counter() - t1
+        if record[metric_key] > meta["best"]:
+          meta.update(
+              best=record[metric_key], best_epoch=epoch + 1, bad_evals=0)
+          best_params = setup.copy_params(state["params"])
+        else:
+          meta["bad_evals"] += 1
+      meta["epoch"] = epoch + 1
+      meta["done"] = (
+          meta["epoch"] == config.train.num_epochs or
+          meta["bad_evals"] >= config.train.patience)
+      writer.write(step, record)
+      progress.set_postfix(
+          loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
+      if (evaluated and meta["epoch"] % config.train.checkpoint_every_epochs
+          == 0) or meta["done"]:
+        ckpt.save(step, {"state": state, "best_params": best_params}, meta)
+    progress.close()
+    results = {
+        "valid": evaluate(best_params, "valid"),
+        "test": evaluate(best_params, "test"),
+        "best_epoch": meta["best_epoch"],
+        "epochs_run": meta["epoch"],
+        "steps": int(state["step"]),
+        "dataset": {
+            "name": dataset.name,
+            "source": dataset.source,
+            **dataset.statistics()
+        },
+        "split": split["counts"],
+        "mask_history": True,
+        "train_rows": int(len(rows["tokens"])),
+        "row_length": int(rows["tokens"].shape[1]),
+        "vocab_size": int(vocab.size),
+        "num_params": int(decoder_lib.count_params(model_cfg)),
+        "sids": str(sids_dir(config, workdir)),
+    }
+  ckpt.close()
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(workdir / "results.json", results)
+  return results

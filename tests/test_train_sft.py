@@ -1,0 +1,170 @@
+"""The SFT stage: loss mask, train step, and the smoke run end to end."""
+
+import json
+import pathlib
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from taiji_jax import config_lib
+from taiji_jax import sharding
+from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.train import build_sids
+from taiji_jax.train import sft
+from taiji_jax.train import sft_data
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+SIZES = (4, 4, 5)
+
+
+def _config(name, arg, **overrides):
+  config = config_lib.load_config_file(CONFIGS / name, arg)
+  return config_lib.with_overrides(config, progress_bar=False, **overrides)
+
+
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory):
+  """Smoke dataset, random unique SIDs saved as a sids stage, vocab, rows."""
+  config = _config("ml100k_sft.py", "smoke", **{"tasks.item_to_sid": 1})
+  dataset = build_sids.load_dataset(config)
+  rng = np.random.default_rng(0)
+  flat = rng.choice(np.prod(SIZES), dataset.num_items, replace=False)
+  codes = np.stack(np.unravel_index(flat, SIZES), 1)
+  sids = sid_lib.SemanticIds(
+      np.concatenate([np.full((1, 3), -1), codes]), SIZES,
+      sid_lib.catalogue_fingerprint(dataset.item_raw_ids))
+  root = tmp_path_factory.mktemp("sft_unit")
+  sids.save(root / "sids")
+  workdir = root / "sft"
+  loaded = sft.load_sids(config, workdir, dataset)
+  vocab = sft.build_vocab(config, dataset, loaded, workdir)
+  split = dataset.split_leave_one_out(config.max_items)
+  item_tokens = vocab.item_token_table(loaded)
+  users = np.arange(1, dataset.num_users + 1)
+  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
+  rows = sft.training_rows(config, dataset, split, vocab, item_tokens, prefixes)
+  return config, dataset, loaded, vocab, split, rows
+
+
+def test_missing_sids_say_to_run_the_sids_stage(small_setup, tmp_path):
+  config, dataset = small_setup[:2]
+  with pytest.raises(FileNotFoundError, match="run the sids stage first"):
+    sft.load_sids(config, tmp_path / "sft", dataset)
+
+
+def test_loss_mask_covers_only_sid_tokens_of_target_items(small_setup):
+  config, dataset, sids, vocab, split, rows = small_setup
+  tokens, mask = rows["tokens"], rows["loss_mask"]
+  levels, offsets = sids.levels, vocab.level_offsets
+  assert tokens.shape[1] == sft.row_length(config, levels)
+  num_targets = sum(max(len(s) - 1, 0) for s in split["train"]["sequences"])
+  is_sid = (tokens >= offsets[0]) & (tokens < vocab.text_offset)
+  # item_to_sid rows (one per item) come after the next-item rows.
+  num_next = len(tokens) - dataset.num_items
+  nxt_tokens, nxt_mask = tokens[:num_next], mask[:num_next]
+  # Next-item rows: the mask is on SID tokens only, one whole SID per
+  # training target, never on the prefix or padding; each row's first item
+  # is context.
+  assert not np.any(nxt_mask & ~is_sid[:num_next])
+  assert int(nxt_mask.sum()) == num_targets * levels
+  for row_t, row_m, row_sid in zip(nxt_tokens, nxt_mask, is_sid[:num_next]):
+    body_t = row_t[row_sid].reshape(-1, levels)
+    body_m = row_m[row_sid].reshape(-1, levels)
+    assert not body_m[0].any()
+    assert np.all(body_m[1:].all(1))
+    for level in range(levels):  # level l's token sits at position l
+      lo = offsets[level]
+      assert np.all((body_t[:, level] >= lo)
+                    & (body_t[:, level] < lo + SIZES[level]))
+  # Alignment rows: the answer SID plus </answer><eos>, nothing else.
+  align_t, align_m = tokens[num_next:], mask[num_next:]
+  assert np.all(align_m.sum(1) == levels + 2)
+  for row_t, row_m in zip(align_t, align_m):
+    answer = row_t[row_m]
+    assert answer[-2:].tolist() == [vocab.answer_end_id, vocab.eos_id]
+    assert np.all((answer[:levels] >= offsets[0])
+                  & (answer[:levels] < vocab.text_offset))
+
+
+def test_train_step_loss_equals_a_direct_computation(small_setup):
+  config, _, sids, vocab, _, rows = small_setup
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  model_cfg = sft.model_config(config, vocab.size)
+  setup = sft.build(config, model_cfg, 10, mesh, sids, vocab)
+  batch = next(sft.epoch_batches(rows, config.train.batch_size, 0, 0))
+  assert batch["tokens"].shape == (config.train.batch_size,
+                                   rows["tokens"].shape[1])
+  params = jax.device_get(setup.state["params"])
+  model = nnx.merge(setup.graphdef, params)
+  inputs = batch["tokens"][:, :-1]
+  logits = np.asarray(
+      model(inputs, attention_mask_bt=inputs != vocab.pad_id), np.float64)
+  targets = batch["tokens"][:, 1:]
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+  logz += logits.max(-1)
+  nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  mask = batch["loss_mask"][:, 1:]
+  want = (nll * mask).sum() / mask.sum()
+  state, metrics = setup.train_step(setup.state, setup.put_batch(batch))
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
+  assert int(metrics["targets"]) == int(mask.sum())
+  assert int(state["step"]) == 1
+  assert np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_epoch_batches_are_seeded_and_cover_every_row(small_setup):
+  rows = small_setup[-1]
+  n = len(rows["tokens"])
+  tagged = {"tokens": np.arange(n), "loss_mask": np.arange(n)}
+  first = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 0)]
+  again = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 0)]
+  other = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 1)]
+  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(other))
+  assert all(len(b) == 16 for b in first)
+  assert set(np.concatenate(first).tolist()) == set(range(n))
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end_and_resume(tmp_path):
+  sids_config = _config(
+      "ml100k_sids.py", "smoke", **{
+          "representation.weights.collaborative": 0.0,
+          "quantizers": ("rq_kmeans",),
+          "default": "rq_kmeans",
+      })
+  build_sids.run(sids_config, tmp_path / "sids")
+  config = _config("ml100k_sft.py", "smoke")
+  workdir = tmp_path / "sft"
+  results = sft.train_and_evaluate(config, workdir)
+
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["test"] == pytest.approx(results["test"])
+  dataset = build_sids.load_dataset(config)
+  split = dataset.split_leave_one_out(config.max_items)
+  for part in ("valid", "test"):
+    metrics = saved[part]
+    assert metrics["num_users"] == len(split[part]["targets"])
+    for k in config.eval.ks:
+      for name in ("recall", "ndcg"):
+        assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0
+    # Every recommended item is a real, unseen item.
+    assert metrics["legal_items"] == 1.0
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  assert [r["epoch"] for r in records
+         ] == list(range(1, config.train.num_epochs + 1))
+  assert records[-1]["train/loss"] < records[0]["train/loss"]
+  assert all(np.isfinite(r["train/loss"]) for r in records)
+
+  # Re-running resumes from the final checkpoint: no retraining, same
+  # results; a different config is refused.
+  again = sft.train_and_evaluate(config, workdir)
+  assert (workdir / "metrics.jsonl").read_text().splitlines() == lines
+  assert again["test"] == pytest.approx(results["test"])
+  assert again["steps"] == results["steps"]
+  with pytest.raises(ValueError, match="differs in"):
+    sft.train_and_evaluate(
+        _config("ml100k_sft.py", "smoke", **{"train.lr": 1e-4}), workdir)
