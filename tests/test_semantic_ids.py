@@ -60,10 +60,11 @@ def test_hash_level_depends_on_raw_id_not_order():
   codes = np.zeros((5, 1), int)
   raw = ["a", "b", "c", "d", "e"]
   final, _ = collisions.resolve(codes, "hash", raw_ids=raw, hash_size=1024)
-  # Without clashes each last code is exactly the item's own hash.
-  if len(set(collisions.stable_hash(r, 1024) for r in raw)) == 5:
-    np.testing.assert_array_equal(
-        final[:, 1], [collisions.stable_hash(r, 1024) for r in raw])
+  # These five ids do not clash in 1024 slots, so each last code is exactly
+  # the item's own hash.
+  hashes = [collisions.stable_hash(r, 1024) for r in raw]
+  assert len(set(hashes)) == 5
+  np.testing.assert_array_equal(final[:, 1], hashes)
   perm = [3, 0, 4, 1, 2]
   again, _ = collisions.resolve(
       codes[perm], "hash", raw_ids=[raw[i] for i in perm], hash_size=1024)

@@ -32,7 +32,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 
@@ -42,6 +41,7 @@ from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import sasrec
 from taiji_jax.train import checkpointing
+from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
@@ -201,7 +201,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                    config.train.num_epochs)
   iterator = iter(batches.to_iter_dataset())
   key = jax.random.key(config.seed)
-  metric_key = f"valid/{config.eval.early_stop_metric}"
 
   state, best_params, meta, resumed = checkpointing.resume_training(
       ckpt, setup.state, setup.copy_params(setup.state["params"]),
@@ -233,36 +232,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         state, step_metrics = setup.train_step(state, batch, key)
         losses.append(step_metrics["loss"])
         step += 1
-      losses = np.asarray(jax.device_get(losses))
-      if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(
-            f"non-finite training loss at epoch {epoch + 1}, step {step}: "
-            f"{losses.tolist()}; lower config.train.lr or check the data.")
-      record = {
-          "epoch": epoch + 1,
-          "train/loss": float(losses.mean()),
-          "train/epoch_seconds": time.perf_counter() - t0
-      }
-      evaluated = (epoch + 1) % config.eval.every_epochs == 0 or (
-          epoch + 1 == config.train.num_epochs)
-      if evaluated:
-        valid = evaluate(state["params"], "valid")
-        record.update({f"valid/{k}": v for k, v in valid.items()})
-        if record[metric_key] > meta["best"]:
-          meta.update(
-              best=record[metric_key], best_epoch=epoch + 1, bad_evals=0)
-          best_params = setup.copy_params(state["params"])
-        else:
-          meta["bad_evals"] += 1
-      meta["epoch"] = epoch + 1
-      meta["done"] = (
-          meta["epoch"] == config.train.num_epochs or
-          meta["bad_evals"] >= config.train.patience)
+      record, improved, save = loop.finish_epoch(
+          config, meta, epoch, step, losses, t0,
+          lambda: evaluate(state["params"], "valid"))
+      if improved:
+        best_params = setup.copy_params(state["params"])
       writer.write(step, record)
       progress.set_postfix(
           loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
-      if (evaluated and meta["epoch"] % config.train.checkpoint_every_epochs
-          == 0) or meta["done"]:
+      if save:
         ckpt.save(step, {
             "state": state,
             "best_params": best_params
