@@ -31,6 +31,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench/sasrec_train.py --workdir=runs/bench
+	$(PY) experiments/bench/sft_train.py --workdir=runs/bench
+	$(PY) experiments/bench/beam_search.py --workdir=runs/bench
 
 format: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"

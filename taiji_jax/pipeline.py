@@ -5,7 +5,7 @@ Stages run in the order of `config.stages`; each writes its own
 is skipped). The pipeline then writes `<workdir>/results.json` with every
 stage's test and valid metrics and prints them side by side. Stages without
 ranking metrics (sids) are listed with their results file. Stages added by
-later parts of the codebase (sft, rl) register here.
+later parts of the codebase (rl) register in `STAGES`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from taiji_jax.evaluate import full_ranking
 from taiji_jax.train import build_sids
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import sft
 from taiji_jax.train import workdir as workdir_lib
 
 
@@ -54,6 +55,7 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "popularity": (run_popularity, "sasrec"),
     "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec"),
     "sids": (build_sids.run, "sids"),
+    "sft": (sft.train_and_evaluate, "sft"),
 }
 
 

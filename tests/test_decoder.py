@@ -505,3 +505,29 @@ def test_jitted_train_step_learns_copy_task_and_compiles_once():
   assert train_step._cache_size() == 1  # pylint: disable=protected-access
   assert np.isfinite(losses).all()
   assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
+
+
+def test_dropout_only_in_calls_with_a_key_and_keeps_the_mean():
+  x = jnp.ones((4000,), jnp.float32)
+  key = jax.random.key(3)
+  dropped = np.asarray(decoder.dropout(x, 0.25, key))
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], 1 / 0.75, rtol=1e-6)
+  assert abs(kept.mean() - 0.75) < 0.03
+  np.testing.assert_array_equal(decoder.dropout(x, 0.25, None), x)
+  np.testing.assert_array_equal(decoder.dropout(x, 0.0, key), x)
+
+  cfg = decoder.DecoderConfig.tiny(dropout_rate=0.3)
+  model, plain = _model(cfg), _model(CFG)
+  tokens = _tokens(4, 2, 9)
+  # Without a key the dropout model is the same function as without dropout.
+  np.testing.assert_allclose(
+      _forward(model, tokens), _forward(plain, tokens), rtol=1e-6)
+  run = nnx.jit(lambda m, t, k: m(t, dropout_rng=k))
+  a, b = run(model, tokens, key), run(model, tokens, key)
+  c = run(model, tokens, jax.random.key(4))
+  np.testing.assert_array_equal(a, b)  # deterministic given the key
+  assert not np.allclose(a, c)  # and a different key drops differently
+  assert not np.allclose(a, _forward(model, tokens))
+  with pytest.raises(ValueError, match="dropout_rate"):
+    decoder.DecoderConfig.tiny(dropout_rate=1.0)

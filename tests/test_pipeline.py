@@ -70,3 +70,25 @@ def test_format_table_lists_each_stage():
   assert lines[2].startswith("popularity") and lines[3].startswith("sasrec")
   assert "7 users" in lines[-2]
   assert lines[-1] == "sids: 3.0 s, results in runs/x/sids/results.json"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_runs_every_stage_and_prints_them_side_by_side(
+    tmp_path, capsys):
+  config = config_lib.load_config_file(CONFIG, "smoke")
+  summary = pipeline.run(config, tmp_path)
+  assert list(summary) == list(config.stages)
+  assert {"popularity", "sasrec", "sids", "sft"} <= set(summary)
+  table = capsys.readouterr().out
+  for stage in ("popularity", "sasrec", "sft"):
+    test = summary[stage]["test"]
+    # The summary holds each stage's own results.json numbers.
+    own = json.loads((tmp_path / stage / "results.json").read_text())
+    assert test == own["test"]
+    row = next(line for line in table.splitlines() if line.startswith(stage))
+    np.testing.assert_allclose(
+        float(row.split()[2]), test["recall@10"], atol=5e-5)
+  assert summary["sft"]["test"]["legal_items"] == 1.0
+  assert "sids: " in table
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["sft"]["test"] == summary["sft"]["test"]

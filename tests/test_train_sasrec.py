@@ -6,9 +6,7 @@ exactly as a user's command does.
 """
 
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -18,6 +16,7 @@ import pytest
 from taiji_jax import config_lib
 from taiji_jax.evaluate import metrics
 from taiji_jax.models import sasrec
+from taiji_jax.testing import runs
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import workdir as workdir_lib
 
@@ -34,66 +33,18 @@ def _command(workdir, *overrides):
   ]
 
 
-def _env(**extra):
-  env = dict(os.environ)
-  env.pop("TAIJI_FAULT_KILL_AT_STEP", None)
-  env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"})
-  env.update(extra)
-  return env
-
-
-def _records(workdir):
-  out = []
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    # Wall-clock fields differ between runs; everything else must not.
-    out.append({
-        k: v
-        for k, v in record.items()
-        if k != "time" and not k.endswith("seconds")
-    })
-  return out
-
-
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   # The uninterrupted run and the run that will be killed run concurrently.
-  first = subprocess.Popen(
-      _command(straight),
-      env=_env(),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True)
   # Smoke: 6 steps per epoch; step 15 is mid-epoch 3, after the epoch-2
   # checkpoint, so the resumed run must redo steps 12..14.
-  crash = subprocess.run(
-      _command(killed),
-      env=_env(TAIJI_FAULT_KILL_AT_STEP="15"),
-      capture_output=True,
-      text=True,
-      timeout=300)
-  out, _ = first.communicate(timeout=300)
-  assert first.returncode == 0, out[-3000:]
-  assert crash.returncode == -signal.SIGKILL, crash.stderr[-3000:]
+  runs.run_beside_a_crash(_command(straight), _command(killed), kill_at=15)
   assert not (killed / "results.json").exists()
-  steps = sorted(
-      int(p.name)
-      for p in (killed / "checkpoints").iterdir()
-      if p.name.isdigit())
+  steps = runs.checkpoint_steps(killed)
   assert steps and max(steps) == 12, steps
-
-  resumed = subprocess.run(
-      _command(killed), env=_env(), capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stderr
-
-  a = json.loads((straight / "results.json").read_text())
-  b = json.loads((killed / "results.json").read_text())
-  assert a["test"] == b["test"]
-  assert a["valid"] == b["valid"]
-  assert a["steps"] == b["steps"] and a["best_epoch"] == b["best_epoch"]
-  assert _records(straight) == _records(killed)
+  runs.resume(_command(killed))
+  a = runs.assert_same_run(straight, killed)
   # The smoke model learns the planted structure: far above chance (~0.2).
   assert a["test"]["recall@10"] > 0.5, a["test"]
 
@@ -112,7 +63,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   # Re-running a finished run only re-evaluates and reproduces the results.
   again = subprocess.run(
       _command(straight),
-      env=_env(),
+      env=runs.subprocess_env(),
       capture_output=True,
       text=True,
       timeout=300)
@@ -135,7 +86,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_misspelt_config_override_is_an_error(tmp_path):
   bad = subprocess.run(
       _command(tmp_path, "--config.train.learning_rate=1e-3"),
-      env=_env(),
+      env=runs.subprocess_env(),
       capture_output=True,
       text=True,
       timeout=120)

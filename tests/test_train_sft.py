@@ -1,7 +1,7 @@
 """The SFT stage: loss mask, train step, and the smoke run end to end."""
 
-import json
 import pathlib
+import sys
 
 from flax import nnx
 import jax
@@ -11,12 +11,25 @@ import pytest
 from taiji_jax import config_lib
 from taiji_jax import sharding
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.testing import runs
 from taiji_jax.train import build_sids
 from taiji_jax.train import sft
 from taiji_jax.train import sft_data
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ENTRY = ROOT / "experiments" / "train_sft.py"
 SIZES = (4, 4, 5)
+_KILL_AT = 25  # a step in the middle of the smoke run's third epoch
+
+
+def _command(workdir, sids_workdir):
+  return [
+      sys.executable,
+      str(ENTRY), f"--config={CONFIGS / 'ml100k_sft.py'}:smoke",
+      f"--workdir={workdir}", f"--config.sids_workdir={sids_workdir}",
+      "--config.progress_bar=False"
+  ]
 
 
 def _config(name, arg, **overrides):
@@ -27,7 +40,12 @@ def _config(name, arg, **overrides):
 @pytest.fixture(scope="module")
 def small_setup(tmp_path_factory):
   """Smoke dataset, random unique SIDs saved as a sids stage, vocab, rows."""
-  config = _config("ml100k_sft.py", "smoke", **{"tasks.item_to_sid": 1})
+  # No dropout, so a train step's loss is a plain function of the params.
+  config = _config(
+      "ml100k_sft.py", "smoke", **{
+          "tasks.item_to_sid": 1,
+          "model.overrides.dropout_rate": 0.0
+      })
   dataset = build_sids.load_dataset(config)
   rng = np.random.default_rng(0)
   flat = rng.choice(np.prod(SIZES), dataset.num_items, replace=False)
@@ -117,18 +135,48 @@ def test_train_step_loss_equals_a_direct_computation(small_setup):
 def test_epoch_batches_are_seeded_and_cover_every_row(small_setup):
   rows = small_setup[-1]
   n = len(rows["tokens"])
-  tagged = {"tokens": np.arange(n), "loss_mask": np.arange(n)}
-  first = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 0)]
-  again = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 0)]
-  other = [b["tokens"] for b in sft.epoch_batches(tagged, 16, 0, 1)]
+  tagged = {"tokens": np.arange(n)[:, None], "loss_mask": np.arange(n)[:, None]}
+  first = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 0)]
+  again = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 0)]
+  other = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 1)]
   np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
   assert not np.array_equal(np.concatenate(first), np.concatenate(other))
   assert all(len(b) == 16 for b in first)
   assert set(np.concatenate(first).tolist()) == set(range(n))
 
 
+def test_length_buckets_cut_only_padding_and_cover_every_row(small_setup):
+  config, _, _, vocab, _, rows = small_setup
+  pad, length = vocab.pad_id, rows["tokens"].shape[1]
+  # Tag each row in its last column (a real token of every row).
+  tagged = dict(rows, row=np.arange(len(rows["tokens"]))[:, None])
+  seen, widths = [], set()
+  for batch in sft.epoch_batches(tagged, 16, 3, 0, pad, bucket=8):
+    width = batch["tokens"].shape[1]
+    widths.add(width)
+    assert width % 8 == 0 or width == length
+    idx = batch["row"][:, 0]
+    seen += idx.tolist()
+    full = rows["tokens"][idx]
+    # Only left padding was cut; the kept columns are the rows' last ones.
+    assert np.all(full[:, :length - width] == pad)
+    np.testing.assert_array_equal(batch["tokens"], full[:, length - width:])
+    np.testing.assert_array_equal(batch["loss_mask"],
+                                  rows["loss_mask"][idx][:, length - width:])
+    # Every row of the batch needs more than the next smaller bucket.
+    real = sft.real_lengths(full, pad)
+    assert np.all(real > width - 8) and np.all(real <= width)
+  assert len(widths) > 1  # alignment rows are much shorter than history rows
+  assert set(seen) == set(range(len(rows["tokens"])))
+  again = [
+      b["row"][:, 0].tolist()
+      for b in sft.epoch_batches(tagged, 16, 3, 0, pad, bucket=8)
+  ]
+  assert sum(again, []) == seen
+
+
 @pytest.mark.slow
-def test_smoke_run_end_to_end_and_resume(tmp_path):
+def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
   sids_config = _config(
       "ml100k_sids.py", "smoke", **{
           "representation.weights.collaborative": 0.0,
@@ -137,34 +185,48 @@ def test_smoke_run_end_to_end_and_resume(tmp_path):
       })
   build_sids.run(sids_config, tmp_path / "sids")
   config = _config("ml100k_sft.py", "smoke")
-  workdir = tmp_path / "sft"
-  results = sft.train_and_evaluate(config, workdir)
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  # The uninterrupted run and the run that will be killed run concurrently,
+  # each in its own process on one CPU device, through the entry point.
+  sids = tmp_path / "sids"
+  runs.run_beside_a_crash(
+      _command(straight, sids), _command(killed, sids), kill_at=_KILL_AT)
+  assert not (killed / "results.json").exists()
+  records = runs.metric_records(straight)
+  steps_per_epoch = records[0]["step"]
+  # The kill lands mid-epoch 3, after the epoch-2 checkpoint, so the resumed
+  # run must redo part of an epoch.
+  assert 2 * steps_per_epoch < _KILL_AT < 3 * steps_per_epoch, steps_per_epoch
+  saved = runs.checkpoint_steps(killed)
+  assert saved and max(saved) == 2 * steps_per_epoch, saved
+  runs.resume(_command(killed, sids))
+  a = runs.assert_same_run(straight, killed)
 
-  saved = json.loads((workdir / "results.json").read_text())
-  assert saved["test"] == pytest.approx(results["test"])
   dataset = build_sids.load_dataset(config)
   split = dataset.split_leave_one_out(config.max_items)
   for part in ("valid", "test"):
-    metrics = saved[part]
+    metrics = a[part]
     assert metrics["num_users"] == len(split[part]["targets"])
     for k in config.eval.ks:
       for name in ("recall", "ndcg"):
         assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0
     # Every recommended item is a real, unseen item.
     assert metrics["legal_items"] == 1.0
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  records = [json.loads(line) for line in lines]
   assert [r["epoch"] for r in records
          ] == list(range(1, config.train.num_epochs + 1))
   assert records[-1]["train/loss"] < records[0]["train/loss"]
   assert all(np.isfinite(r["train/loss"]) for r in records)
 
-  # Re-running resumes from the final checkpoint: no retraining, same
-  # results; a different config is refused.
-  again = sft.train_and_evaluate(config, workdir)
-  assert (workdir / "metrics.jsonl").read_text().splitlines() == lines
-  assert again["test"] == pytest.approx(results["test"])
-  assert again["steps"] == results["steps"]
+  # Re-running a finished run resumes from its final checkpoint: no
+  # retraining, same results; a different config is refused.
+  again = sft.train_and_evaluate(
+      config_lib.with_overrides(config, sids_workdir=str(tmp_path / "sids")),
+      straight)
+  assert runs.metric_records(straight) == records
+  assert again["steps"] == a["steps"]
   with pytest.raises(ValueError, match="differs in"):
     sft.train_and_evaluate(
-        _config("ml100k_sft.py", "smoke", **{"train.lr": 1e-4}), workdir)
+        _config("ml100k_sft.py", "smoke", **{
+            "train.lr": 1e-4,
+            "sids_workdir": str(tmp_path / "sids")
+        }), straight)

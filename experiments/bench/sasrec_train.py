@@ -10,12 +10,9 @@ set size (host RAM; on CPU that includes the arrays) and, where the backend
 reports it, the device's peak bytes in use.
 """
 
-import json
-import os
 import pathlib
-import platform
-import resource
 import time
+from typing import Any, Mapping
 
 from absl import app
 from absl import flags
@@ -23,6 +20,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from taiji_jax import benchmarking
 from taiji_jax import launch
 from taiji_jax import sharding
 from taiji_jax.data import pipeline
@@ -30,9 +28,23 @@ from taiji_jax.evaluate import full_ranking
 from taiji_jax.train import sasrec_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/ml100k_sasrec.py", "SASRec config.", lock_config=True)
+    "config",
+    str(
+        pathlib.Path(__file__).resolve().parents[2] / "configs" /
+        "ml100k_sasrec.py"),
+    "SASRec config.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Output directory.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Timed epochs.")
+
+
+def markdown_row(r: Mapping[str, Any]) -> str:
+  """The README row: device, batch, epoch s, windows/s, target items/s,
+  compile + first step s, valid eval s, peak RSS MiB."""
+  return (f"| {r['device']} | {r['batch_size']} | {r['epoch_s_median']} | "
+          f"{r['windows_per_s']} | {r['target_items_per_s']} | "
+          f"{r['compile_and_first_step_s']} | {r['valid_eval_s']} | "
+          f"{r['peak_rss_mib']} |")
 
 
 def main(argv):
@@ -74,45 +86,20 @@ def main(argv):
                           config.eval.batch_size, setup.put_batch)
     eval_s = time.perf_counter() - start
   epoch_s = float(np.median(epoch_times))
-  stats = jax.devices()[0].memory_stats() or {}
   result = {
-      "dataset":
-          dataset.name,
-      "device":
-          f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
-      "host":
-          f"{platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores",
-      "batch_size":
-          batch_size,
-      "steps_per_epoch":
-          steps,
-      "compile_and_first_step_s":
-          round(compile_s, 2),
-      "epoch_s_median":
-          round(epoch_s, 3),
-      "windows_per_s":
-          round(steps * batch_size / epoch_s, 1),
-      "target_items_per_s":
-          round(targets_per_epoch / epoch_s, 1),
-      "valid_eval_s":
-          round(eval_s, 3),
-      "peak_rss_mib":
-          round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "device_peak_mib":
-          (round(stats["peak_bytes_in_use"] /
-                 2**20, 1) if "peak_bytes_in_use" in stats else None),
-      "jax":
-          jax.__version__,
+      **benchmarking.environment_fields(mesh.size),
+      "dataset": dataset.name,
+      "batch_size": batch_size,
+      "steps_per_epoch": steps,
+      "compile_and_first_step_s": round(compile_s, 2),
+      "epoch_s_median": round(epoch_s, 3),
+      "windows_per_s": round(steps * batch_size / epoch_s, 1),
+      "target_items_per_s": round(targets_per_epoch / epoch_s, 1),
+      "valid_eval_s": round(eval_s, 3),
+      **benchmarking.memory_fields(),
   }
-  out = pathlib.Path(_WORKDIR.value)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "sasrec_train.json").write_text(json.dumps(result, indent=2) + "\n")
-  print(json.dumps(result, indent=2))
-  print(f"| {result['device']} | {batch_size} | {result['epoch_s_median']} | "
-        f"{result['windows_per_s']} | {result['target_items_per_s']} | "
-        f"{result['compile_and_first_step_s']} | {result['valid_eval_s']} | "
-        f"{result['peak_rss_mib']} |")
+  benchmarking.write_result(_WORKDIR.value, "sasrec_train", result,
+                            markdown_row(result))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ class DecoderConfig:
     init_std: std of the truncated-normal weight initialisers.
     remat: rematerialise each block in the backward pass (saves activation
       memory for long sequences at the cost of one more forward).
+    dropout_rate: dropout on the embeddings and on the attention and MLP
+      outputs before each residual add, applied only in calls that pass a
+      `dropout_rng` (training); decoding and evaluation never drop. 0 for
+      imported pretrained models (as their configs say).
   """
   vocab_size: int
   hidden_size: int
@@ -119,6 +123,7 @@ class DecoderConfig:
   param_dtype: str = "float32"
   init_std: float = 0.02
   remat: bool = False
+  dropout_rate: float = 0.0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -131,6 +136,9 @@ class DecoderConfig:
                        f"num_kv_heads {self.num_kv_heads}.")
     if self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(
+          f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got "
@@ -497,17 +505,35 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                    cfg.weight_dtype)
     self.mlp = MLP(cfg, rngs)
+    self.dropout_rate = cfg.dropout_rate
 
-  def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, index_b=None):
+  def __call__(self,
+               x_btd,
+               cos_bth,
+               sin_bth,
+               mask_bts,
+               kv=None,
+               index_b=None,
+               key=None):
     h_btd, kv = self.attn(
         self.attn_norm(x_btd), cos_bth, sin_bth, mask_bts, kv, index_b)
-    x_btd = x_btd + h_btd
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+    x_btd = x_btd + dropout(h_btd, self.dropout_rate, attn_key)
+    x_btd = x_btd + dropout(
+        self.mlp(self.mlp_norm(x_btd)), self.dropout_rate, mlp_key)
     return sharding.constrain(x_btd, _BTD), kv
 
 
-def _call_block(block, x_btd, cos_bth, sin_bth, mask_bts, kv, index_b):
-  return block(x_btd, cos_bth, sin_bth, mask_bts, kv, index_b)
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `key` is None or `rate` is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _call_block(block, x_btd, cos_bth, sin_bth, mask_bts, kv, index_b, key):
+  return block(x_btd, cos_bth, sin_bth, mask_bts, kv, index_b, key)
 
 
 _remat_block = nnx.remat(_call_block)
@@ -544,13 +570,16 @@ class Decoder(nnx.Module):
     x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
     return sharding.constrain(x_btd.astype(self.cfg.compute_dtype), _BTD)
 
-  def _blocks(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None):
+  def _blocks(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, key=None):
     run = _remat_block if self.cfg.remat else _call_block
+    layer_keys = [None] * len(self.blocks) if key is None else list(
+        jax.random.split(key, len(self.blocks)))
     keys, values = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
       index_b = None if cache is None else cache.index
-      x_btd, kv = run(block, x_btd, cos_bth, sin_bth, mask_bts, kv, index_b)
+      x_btd, kv = run(block, x_btd, cos_bth, sin_bth, mask_bts, kv, index_b,
+                      layer_keys[i])
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])
@@ -559,7 +588,8 @@ class Decoder(nnx.Module):
   def hidden(self,
              tokens_bt: jax.Array,
              positions_bt: jax.Array | None = None,
-             attention_mask_bt: jax.Array | None = None) -> jax.Array:
+             attention_mask_bt: jax.Array | None = None,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
     """Final hidden states (B, T, D) (after the final norm, before the head).
 
     Args:
@@ -569,6 +599,8 @@ class Decoder(nnx.Module):
       attention_mask_bt: (B, T), true / 1 at real tokens; default all real.
         Keys at padding are never attended; outputs at padding are
         arbitrary (finite) and should be masked by the caller.
+      dropout_rng: a PRNG key for training-time dropout
+        (`cfg.dropout_rate`); None (the default) drops nothing.
     """
     b, t = tokens_bt.shape
     if attention_mask_bt is None:
@@ -580,8 +612,12 @@ class Decoder(nnx.Module):
     cos_bth, sin_bth = self._rope(positions_bt)
     causal_ts = jnp.tril(jnp.ones((t, t), bool))
     mask_bts = causal_ts[None] & mask_bt[:, None, :]
-    h_btd, _, _ = self._blocks(
-        self._embed(tokens_bt), cos_bth, sin_bth, mask_bts)
+    x_btd = self._embed(tokens_bt)
+    block_key = None
+    if dropout_rng is not None and self.cfg.dropout_rate > 0:
+      embed_key, block_key = jax.random.split(dropout_rng)
+      x_btd = dropout(x_btd, self.cfg.dropout_rate, embed_key)
+    h_btd, _, _ = self._blocks(x_btd, cos_bth, sin_bth, mask_bts, key=block_key)
     return h_btd
 
   def logits_from_hidden(self, h_btd: jax.Array) -> jax.Array:
@@ -602,10 +638,11 @@ class Decoder(nnx.Module):
   def __call__(self,
                tokens_bt: jax.Array,
                positions_bt: jax.Array | None = None,
-               attention_mask_bt: jax.Array | None = None) -> jax.Array:
+               attention_mask_bt: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
     """Next-token logits (B, T, V), float32; see `hidden` for the args."""
     return self.logits_from_hidden(
-        self.hidden(tokens_bt, positions_bt, attention_mask_bt))
+        self.hidden(tokens_bt, positions_bt, attention_mask_bt, dropout_rng))
 
   def init_cache(self,
                  batch_size: int,

@@ -13,12 +13,25 @@ early-stops and checkpoints by the same rules:
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
+
+
+def maybe_inject_fault(step: int) -> None:
+  """Hard-kills the process before `step` if TAIJI_FAULT_KILL_AT_STEP says so.
+
+  Used by the resume tests to simulate a crash or preemption mid-epoch: no
+  cleanup runs, exactly as with `kill -9`.
+  """
+  target = os.environ.get("TAIJI_FAULT_KILL_AT_STEP")
+  if target is not None and step == int(target):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def finish_epoch(

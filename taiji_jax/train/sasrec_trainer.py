@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -227,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       t0 = time.perf_counter()
       losses = []
       for _ in range(steps_per_epoch):
-        _maybe_inject_fault(step)
+        loop.maybe_inject_fault(step)
         batch = setup.put_batch(next(iterator))
         state, step_metrics = setup.train_step(state, batch, key)
         losses.append(step_metrics["loss"])
@@ -279,17 +278,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(workdir / "results.json", results)
   return results
-
-
-def _maybe_inject_fault(step: int) -> None:
-  """Hard-kills the process before `step` if TAIJI_FAULT_KILL_AT_STEP says so.
-
-  Used by the resume test to simulate a crash or preemption mid-epoch: no
-  cleanup runs, exactly as with `kill -9`.
-  """
-  target = os.environ.get("TAIJI_FAULT_KILL_AT_STEP")
-  if target is not None and step == int(target):
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_scorer(workdir: os.PathLike | str):

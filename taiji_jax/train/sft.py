@@ -17,8 +17,10 @@ semantic IDs of the sids stage (`config.sids_workdir`, default
 
 Training rows are `sft_data.next_item_rows` of the training split (every
 training interaction is a target once), plus the optional item-text -> SID
-and SID -> title alignment rows, shuffled every epoch by a numpy RNG seeded
-with (seed, epoch). Evaluation prompts the model with each user's profile and
+and SID -> title alignment rows, batched by length bucket
+(`config.train.length_bucket`) and shuffled every epoch by a numpy RNG
+seeded with (seed, epoch); dropout keys are folded from (seed, step), so a
+resumed run repeats the uninterrupted one exactly. Evaluation prompts the model with each user's profile and
 recent history and ranks items by trie-constrained beam search (beams =
 max(ks)) that never returns an item the user has seen, the candidate set of
 SASRec's masked full ranking.
@@ -139,21 +141,54 @@ def training_rows(config: ml_collections.ConfigDict, dataset, split, vocab,
   return {"tokens": np.concatenate(tokens), "loss_mask": np.concatenate(masks)}
 
 
-def epoch_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int,
-                  epoch: int):
-  """Fixed-shape shuffled batches of one epoch.
+def real_lengths(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+  """(R,) tokens after the left padding of each row."""
+  real = tokens != pad_id
+  return np.where(real.any(1), tokens.shape[1] - np.argmax(real, axis=1), 0)
 
-  The permutation depends only on (seed, epoch), so a resumed run sees the
-  same data order; the last batch is filled up with the first rows of the
-  permutation (a few rows are seen twice per epoch, never a new shape).
+
+def epoch_batches(rows: dict[str, np.ndarray],
+                  batch_size: int,
+                  seed: int,
+                  epoch: int,
+                  pad_id: int = 0,
+                  bucket: int = 0):
+  """Shuffled, length-bucketed batches of one epoch.
+
+  With `bucket` > 0 each row goes into the bucket of its real length
+  rounded up to a multiple of `bucket` (at most the row length), batches are
+  drawn from one bucket and cut to that length from the left (rows are
+  left-padded), and the batch order is shuffled: short rows (alignment
+  rows, users' first windows) no longer pay for the longest row, at the cost
+  of one compiled shape per bucket. `bucket` 0 gives fixed-length batches.
+  Arrays of `rows` shaped (R, T) like the tokens are cut; others (e.g. a
+  per-row tag) are only indexed.
+
+  The permutations depend only on (seed, epoch), so a resumed run sees the
+  same data order; a bucket's last batch is filled up with that bucket's
+  first rows of the permutation (a few rows are seen twice per epoch, never
+  a new shape).
   """
-  n = len(rows["tokens"])
-  order = np.random.default_rng([seed, epoch]).permutation(n)
-  steps = -(-n // batch_size)
-  order = np.resize(order, steps * batch_size)
-  for s in range(steps):
-    idx = order[s * batch_size:(s + 1) * batch_size]
-    yield {k: v[idx] for k, v in rows.items()}
+  n, length = rows["tokens"].shape
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(n)
+  if bucket > 0:
+    real = real_lengths(rows["tokens"], pad_id)
+    widths = np.minimum(-(-real // bucket) * bucket, length)
+  else:
+    widths = np.full(n, length)
+  batches = []
+  for width in np.unique(widths):
+    idx = order[widths[order] == width]
+    steps = -(-len(idx) // batch_size)
+    idx = np.resize(idx, steps * batch_size).reshape(steps, batch_size)
+    batches += [(int(width), i) for i in idx]
+  for b in rng.permutation(len(batches)):
+    width, idx = batches[b]
+    yield {
+        k: v[idx][:, length - width:] if v.shape[1:] == (length,) else v[idx]
+        for k, v in rows.items()
+    }
 
 
 def model_config(config: ml_collections.ConfigDict,
@@ -166,17 +201,19 @@ def model_config(config: ml_collections.ConfigDict,
   return preset(vocab_size=vocab_size, **config.model.overrides.to_dict())
 
 
-def sft_loss(model, batch, pad_id: int):
+def sft_loss(model, batch, pad_id: int, dropout_rng=None):
   """Next-token loss on the masked-in tokens of a batch of rows.
 
   Input t predicts token t + 1, so the loss mask is shifted with the
-  targets; padding is never attended.
+  targets; padding is never attended. `dropout_rng` turns on the model's
+  dropout (`DecoderConfig.dropout_rate`).
 
   Returns:
     (mean loss, number of target tokens).
   """
   inputs_bt = batch["tokens"][:, :-1]
-  logits_btv = model(inputs_bt, attention_mask_bt=inputs_bt != pad_id)
+  logits_btv = model(
+      inputs_bt, attention_mask_bt=inputs_bt != pad_id, dropout_rng=dropout_rng)
   return decoder_lib.next_token_loss(logits_btv, batch["tokens"][:, 1:],
                                      batch["loss_mask"][:, 1:])
 
@@ -194,36 +231,37 @@ class Setup:
   mesh: Any
 
 
-def build(config: ml_collections.ConfigDict,
-          model_cfg: decoder_lib.DecoderConfig, total_steps: int,
-          mesh: jax.sharding.Mesh, sids: sid_lib.SemanticIds,
-          vocab: vocab_lib.Vocab) -> Setup:
-  """Abstract init -> shardings -> sharded init and jitted steps."""
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  tx = sasrec_trainer.make_optimizer(config, total_steps)
-  pad_id = vocab.pad_id
+def eval_beams(config: ml_collections.ConfigDict) -> int:
+  """Beams of the evaluation's beam search: `eval.num_beams`, >= max(ks).
 
-  def init_state():
-    model = decoder_lib.Decoder(model_cfg, rngs=nnx.Rngs(params=config.seed))
-    params = nnx.state(model, nnx.Param)
-    return {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32)
-    }
+  The ranked list is the best max(ks) of the final beams; a wider beam
+  searches more prefixes (fewer good items pruned at the first level).
+  """
+  k = max(config.eval.ks)
+  beams = int(config.eval.num_beams) or k
+  if beams < k:
+    raise ValueError(f"config.eval.num_beams={beams} must be >= max(ks)={k} "
+                     "(or 0 for max(ks)).")
+  return beams
 
-  graphdef, _, rest = nnx.split(
-      decoder_lib.abstract_decoder(model_cfg), nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("the decoder must hold only parameters.")
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-  with sharding.use_mesh(mesh, rules):
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+
+def make_train_step(graphdef,
+                    tx: optax.GradientTransformation,
+                    pad_id: int,
+                    seed: int = 0):
+  """`train_step(state, batch) -> (state, metrics)`, pure, not yet jitted.
+
+  `state` is {"params", "opt_state", "step"}; `batch` {"tokens",
+  "loss_mask"} (B, T). One step of `tx` on `sft_loss`. The dropout key of a
+  step is `fold_in(key(seed), step)`, so a resumed run drops exactly what
+  the uninterrupted one did. The SFT trainer, the throughput benchmark and
+  the ahead-of-time memory check compile this same function.
+  """
 
   def train_step(state, batch):
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
     (loss, count), grads = jax.value_and_grad(
-        lambda p: sft_loss(nnx.merge(graphdef, p), batch, pad_id),
+        lambda p: sft_loss(nnx.merge(graphdef, p), batch, pad_id, key),
         has_aux=True)(
             state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -239,7 +277,60 @@ def build(config: ml_collections.ConfigDict,
         "step": state["step"] + 1
     }, metrics
 
+  return train_step
+
+
+def state_init_fn(model_cfg: decoder_lib.DecoderConfig,
+                  tx: optax.GradientTransformation, seed: int):
+  """(graphdef, init_state) where `init_state()` builds the train state.
+
+  `jax.eval_shape(init_state)` gives the abstract state (no memory), from
+  which `sharding.tree_shardings` derives the state's shardings.
+  """
+
+  def init_state():
+    model = decoder_lib.Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
+    params = nnx.state(model, nnx.Param)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32)
+    }
+
+  graphdef, _, rest = nnx.split(
+      decoder_lib.abstract_decoder(model_cfg), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("the decoder must hold only parameters.")
+  return graphdef, init_state
+
+
+def jit_train_step(train_step, state_shardings, mesh: jax.sharding.Mesh):
+  """The train step jitted with state in/out shardings, state donated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+      train_step,
+      in_shardings=(state_shardings, None),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+
+
+def build(config: ml_collections.ConfigDict,
+          model_cfg: decoder_lib.DecoderConfig, total_steps: int,
+          mesh: jax.sharding.Mesh, sids: sid_lib.SemanticIds,
+          vocab: vocab_lib.Vocab) -> Setup:
+  """Abstract init -> shardings -> sharded init and jitted steps."""
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  tx = sasrec_trainer.make_optimizer(config, total_steps)
+  pad_id = vocab.pad_id
+  graphdef, init_state = state_init_fn(model_cfg, tx, config.seed)
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+  train_step = make_train_step(graphdef, tx, pad_id, config.seed)
+
   ks = tuple(sorted(config.eval.ks))
+  num_beams = eval_beams(config)
   trie, paths = sids.trie, sids.paths
   offsets = tuple(int(o) for o in vocab.level_offsets)
 
@@ -249,19 +340,17 @@ def build(config: ml_collections.ConfigDict,
         batch["histories"],  # the prompts (see `_eval_split`)
         trie,
         offsets,
-        max(ks),
+        num_beams,
         pad_id=pad_id,
         exclude_bh=batch["seen_items"],
         paths=paths)
-    items_bk = decoded.items
+    items_bk = decoded.items[:, :max(ks)]
     out = metrics_lib.ranking_metrics(items_bk, batch["targets"], ks)
     seen_bks = items_bk[:, :, None] == batch["seen_items"][:, None, :]
     legal_bk = (items_bk > 0) & ~jnp.any(
         seen_bks & (batch["seen_items"][:, None, :] > 0), axis=-1)
     out["legal_items"] = jnp.all(legal_bk, axis=1).astype(jnp.float32)
     return out
-
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def put_batch(batch):
     return {
@@ -271,11 +360,7 @@ def build(config: ml_collections.ConfigDict,
         for k, v in batch.items()
     }
 
-  jit_train = jax.jit(
-      train_step,
-      in_shardings=(state_shardings, None),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+  jit_train = jit_train_step(train_step, state_shardings, mesh)
   copy_params = jax.jit(
       lambda p: jax.tree.map(jnp.copy, p),
       out_shardings=state_shardings["params"])
@@ -318,7 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                rows["tokens"].shape[1], vocab.size)
 
   batch_size = config.train.batch_size
-  steps_per_epoch = -(-len(rows["tokens"]) // batch_size)
+  steps_per_epoch = sum(1 for _ in epoch_batches(
+      rows, batch_size, 0, 0, vocab.pad_id, config.train.length_bucket))
   total_steps = steps_per_epoch * config.train.num_epochs
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -364,7 +450,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         break
       t0 = time.perf_counter()
       losses = []
-      for batch in epoch_batches(rows, batch_size, config.seed, epoch):
+      for batch in epoch_batches(rows, batch_size, config.seed, epoch,
+                                 vocab.pad_id, config.train.length_bucket):
+        loop.maybe_inject_fault(step)
         state, step_metrics = setup.train_step(state, setup.put_batch(batch))
         losses.append(step_metrics["loss"])
         step += 1
