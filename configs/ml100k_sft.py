@@ -49,6 +49,8 @@ def get_config(arg=None):
 
   c.max_items = 30  # SIDs per row after the prefix (targets per row).
   c.max_prefix = 32  # <bos> + "User: <profile>." + " History:" tokens.
+  # Title tokens after each history item's SID (context only); 0: SIDs only.
+  c.history_titles = 0
 
   # Copies per epoch of each alignment task's rows (0: left out).
   c.tasks = ml_collections.ConfigDict({"item_to_sid": 1, "sid_to_title": 0})

@@ -116,3 +116,66 @@ def test_alignment_rows_have_loss_on_the_answer_only(setup):
   assert vocab.decode(first[:-2]) == " " + dataset.item_features["title"][1]
   with pytest.raises(ValueError, match="unknown alignment task"):
     sft_data.alignment_rows(dataset, vocab, item_tokens, "x", 64)
+
+
+def test_history_titles_follow_each_sid_and_stay_out_of_the_loss(setup):
+  dataset, sids, vocab, split = setup
+  item_tokens = vocab.item_token_table(sids)
+  users = np.arange(1, dataset.num_users + 1)
+  seqs = split["train"]["sequences"]
+  prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix=40)
+  titles = sft_data.item_titles(dataset, vocab, max_tokens=4)
+  assert titles[0] == [] and all(0 < len(t) <= 4 for t in titles[1:])
+  plain = sft_data.next_item_rows(seqs, users, item_tokens, prefixes, 6, 40, 0)
+  rows = sft_data.next_item_rows(
+      seqs, users, item_tokens, prefixes, 6, 40, 0, titles=titles, max_title=4)
+  assert rows["tokens"].shape[1] == 40 + 7 * (3 + 4)
+  assert rows["num_targets"] == plain["num_targets"]
+  # Same targets with the same SID tokens in the loss, in the same rows.
+  for a, ma, b, mb in zip(plain["tokens"], plain["loss_mask"], rows["tokens"],
+                          rows["loss_mask"]):
+    np.testing.assert_array_equal(a[ma], b[mb])
+    # Each SID is followed by exactly its item's title; without the titles
+    # the row is the plain one.
+    sid_lo = vocab.level_offsets[0]
+    is_sid = (b >= sid_lo) & (b < sid_lo + sum(SIZES))
+    i, sid_tokens = int(np.argmax(is_sid)), []
+    while i < len(b):
+      sid = b[i:i + 3]
+      assert is_sid[i:i + 3].all()
+      item = sids.sid_to_item(tuple(vocab.ids_to_codes(sid).tolist()))
+      title = titles[item]
+      assert b[i + 3:i + 3 + len(title)].tolist() == title
+      sid_tokens += sid.tolist()
+      i += 3 + len(title)
+    assert sid_tokens == a[a != 0][-len(sid_tokens):].tolist()
+    assert (a != 0).sum() - len(sid_tokens) == int(np.argmax(is_sid)) - int(
+        np.argmax(b != 0))  # the same prefix before the first SID
+  prompts = sft_data.prompt_rows(
+      split["test"]["histories"],
+      split["test"]["users"],
+      item_tokens,
+      prefixes,
+      5,
+      40,
+      0,
+      titles=titles,
+      max_title=4)
+  assert prompts.shape[1] == 40 + 5 * 7
+  for row, hist in zip(prompts, split["test"]["histories"]):
+    last = hist[hist > 0][-1]
+    tail = item_tokens[last].tolist() + titles[last]
+    assert row[-len(tail):].tolist() == tail
+
+
+def test_history_titles_need_a_title_feature(setup):
+  dataset, _, vocab, _ = setup
+
+  class NoTitles:
+    name = "no-titles"
+    item_features = {"genres": ()}
+    num_items = 3
+
+  with pytest.raises(ValueError, match="no 'title' item feature.*genres"):
+    sft_data.item_titles(NoTitles(), vocab, 4)
+  assert dataset.item_features["title"][1]

@@ -230,3 +230,19 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
             "train.lr": 1e-4,
             "sids_workdir": str(tmp_path / "sids")
         }), straight)
+
+
+def test_history_titles_lengthen_rows_but_not_the_loss(small_setup):
+  config, dataset, sids, vocab, split, rows = small_setup
+  titled = config_lib.with_overrides(config, history_titles=3)
+  assert sft.history_titles(config, dataset, vocab) is None
+  titles = sft.history_titles(titled, dataset, vocab)
+  item_tokens = vocab.item_token_table(sids)
+  users = np.arange(1, dataset.num_users + 1)
+  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
+  longer = sft.training_rows(titled, dataset, split, vocab, item_tokens,
+                             prefixes, titles)
+  levels = sids.codes.shape[1]
+  assert longer["tokens"].shape[1] == sft.row_length(titled, levels)
+  assert sft.row_length(titled, levels) > sft.row_length(config, levels)
+  assert longer["loss_mask"].sum() == rows["loss_mask"].sum()

@@ -113,22 +113,44 @@ def build_vocab(config: ml_collections.ConfigDict, dataset,
 
 
 def row_length(config: ml_collections.ConfigDict, levels: int) -> int:
-  """Tokens per training row: prefix + (max_items + 1) SIDs."""
-  return config.max_prefix + (config.max_items + 1) * levels
+  """Tokens per training row: prefix + (max_items + 1) SIDs (+ titles)."""
+  return config.max_prefix + (config.max_items + 1) * (
+      levels + config.history_titles)
 
 
-def training_rows(config: ml_collections.ConfigDict, dataset, split, vocab,
-                  item_tokens: np.ndarray,
-                  prefixes: dict[int, list[int]]) -> dict[str, np.ndarray]:
+def history_titles(config: ml_collections.ConfigDict, dataset,
+                   vocab) -> list[list[int]] | None:
+  """Title tokens after each history SID (`config.history_titles` > 0)."""
+  if config.history_titles <= 0:
+    return None
+  return sft_data.item_titles(dataset, vocab, config.history_titles)
+
+
+def training_rows(
+    config: ml_collections.ConfigDict,
+    dataset,
+    split,
+    vocab,
+    item_tokens: np.ndarray,
+    prefixes: dict[int, list[int]],
+    titles: list[list[int]] | None = None) -> dict[str, np.ndarray]:
   """{"tokens", "loss_mask"} (R, T) of every training task, unshuffled.
 
   `config.tasks.<alignment task>` is how many copies of that task's rows go
-  into each epoch (0 leaves it out).
+  into each epoch (0 leaves it out); `titles` (`history_titles`) follow
+  every SID of the next-item rows.
   """
   train = split["train"]
-  rows = sft_data.next_item_rows(train["sequences"], train["users"],
-                                 item_tokens, prefixes, config.max_items,
-                                 config.max_prefix, vocab.pad_id)
+  rows = sft_data.next_item_rows(
+      train["sequences"],
+      train["users"],
+      item_tokens,
+      prefixes,
+      config.max_items,
+      config.max_prefix,
+      vocab.pad_id,
+      titles=titles,
+      max_title=config.history_titles)
   tokens, masks = [rows["tokens"]], [rows["loss_mask"]]
   length = rows["tokens"].shape[1]
   for task in ALIGNMENT_TASKS:
@@ -368,19 +390,28 @@ def build(config: ml_collections.ConfigDict,
                copy_params, put_batch, mesh)
 
 
-def _eval_split(part: dict[str, np.ndarray], item_tokens: np.ndarray,
-                prefixes: dict[int,
-                               list[int]], config: ml_collections.ConfigDict,
-                pad_id: int) -> dict[str, np.ndarray]:
+def _eval_split(part: dict[str, np.ndarray],
+                item_tokens: np.ndarray,
+                prefixes: dict[int, list[int]],
+                config: ml_collections.ConfigDict,
+                pad_id: int,
+                titles: list[list[int]] | None = None) -> dict[str, np.ndarray]:
   """The split part with its prompts in place of the item histories.
 
   `full_ranking.evaluate` batches it (padding rows with zeros, which are
   excluded from the means); an all-padding prompt row is replaced by the
   first prompt in `put` so every decoded row is well defined.
   """
-  prompts = sft_data.prompt_rows(part["histories"], part["users"], item_tokens,
-                                 prefixes, config.max_items, config.max_prefix,
-                                 pad_id)
+  prompts = sft_data.prompt_rows(
+      part["histories"],
+      part["users"],
+      item_tokens,
+      prefixes,
+      config.max_items,
+      config.max_prefix,
+      pad_id,
+      titles=titles,
+      max_title=config.history_titles)
   return dict(part, histories=prompts)
 
 
@@ -397,7 +428,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
   prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
-  rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes)
+  titles = history_titles(config, dataset, vocab)
+  rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes,
+                       titles)
   logging.info("dataset %s: %s; %d training rows of %d tokens, vocab %d",
                dataset.name, dataset.statistics(), len(rows["tokens"]),
                rows["tokens"].shape[1], vocab.size)
@@ -421,8 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   eval_parts = {
       part:
-          _eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id)
-      for part in ("valid", "test")
+          _eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id,
+                      titles) for part in ("valid", "test")
   }
 
   def put_eval(batch):

@@ -10,6 +10,11 @@ m - 1 next-item predictions in one forward pass:
   <bos> User: age 24; ... History: <a_3><b_1><c_9><d_0> <a_7>... <a_1>...
                                    |----- item 1 -----| |-- target 2 --| ...
 
+With `titles` (`item_titles`), every item's SID in a row or prompt is
+followed by its title tokens, context only (never in the loss):
+
+  ... History: <a_3><b_1><c_9><d_0> Toy Story (1995)<a_7>... Heat (1995)...
+
 Rows are left-padded with <pad> to one length, so the last token of every
 row is real; the decoder masks the padding. Evaluation prompts are the same
 prefix and the (up to `max_items`) most recent history items, ending where
@@ -55,6 +60,45 @@ def user_prefixes(dataset, vocab, users: Sequence[int],
   return out
 
 
+def item_titles(dataset, vocab, max_tokens: int) -> list[list[int]]:
+  """Title tokens of every item (index = item id; [] for id 0), cut to
+  `max_tokens`, each starting with a space so it reads as a new word.
+
+  Raises:
+    ValueError: the dataset has no "title" item feature.
+  """
+  titles = dataset.item_features.get("title")
+  if titles is None:
+    raise ValueError(f"dataset {dataset.name!r} has no 'title' item feature "
+                     "(history titles need one); its item features: "
+                     f"{sorted(dataset.item_features)}")
+  out = [[]]
+  for item in range(1, dataset.num_items + 1):
+    title = titles[item] or ""
+    out.append(vocab.encode(" " + title)[:max_tokens] if title else [])
+  return out
+
+
+def _item_body(items: np.ndarray, targets: np.ndarray, item_tokens: np.ndarray,
+               titles: Sequence[Sequence[int]] | None):
+  """Tokens and loss mask of consecutive items (SID, then title if any)."""
+  levels = item_tokens.shape[1]
+  if titles is None:
+    return (item_tokens[items].reshape(-1).tolist(), np.repeat(targets,
+                                                               levels).tolist())
+  tokens, mask = [], []
+  for item, target in zip(items.tolist(), targets.tolist()):
+    title = list(titles[item])
+    tokens += item_tokens[item].tolist() + title
+    mask += [bool(target)] * levels + [False] * len(title)
+  return tokens, mask
+
+
+def item_width(item_tokens: np.ndarray, max_title: int = 0) -> int:
+  """Most tokens one item takes in a row: its SID plus its title budget."""
+  return item_tokens.shape[1] + max_title
+
+
 def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> np.ndarray:
   out = np.full((len(rows), length), pad_id, np.int32)
   for i, row in enumerate(rows):
@@ -64,10 +108,15 @@ def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> np.ndarray:
   return out
 
 
-def next_item_rows(sequences: Sequence[np.ndarray], users: Sequence[int],
-                   item_tokens: np.ndarray, prefixes: dict[int, list[int]],
-                   max_items: int, max_prefix: int,
-                   pad_id: int) -> dict[str, np.ndarray]:
+def next_item_rows(sequences: Sequence[np.ndarray],
+                   users: Sequence[int],
+                   item_tokens: np.ndarray,
+                   prefixes: dict[int, list[int]],
+                   max_items: int,
+                   max_prefix: int,
+                   pad_id: int,
+                   titles: Sequence[Sequence[int]] | None = None,
+                   max_title: int = 0) -> dict[str, np.ndarray]:
   """Packed training rows; see the module docstring.
 
   Args:
@@ -77,8 +126,10 @@ def next_item_rows(sequences: Sequence[np.ndarray], users: Sequence[int],
     prefixes: `user_prefixes(...)`.
     max_items: window length (targets per row at most).
     max_prefix: the prefix budget in tokens (row length = max_prefix +
-      (max_items + 1) * L).
+      (max_items + 1) * `item_width`).
     pad_id: the <pad> id.
+    titles: `item_titles(...)` to follow every SID with its title, or None.
+    max_title: the title budget `titles` was cut to.
 
   Returns:
     {"tokens": (R, T) int32, "loss_mask": (R, T) bool (True on the tokens to
@@ -94,10 +145,11 @@ def next_item_rows(sequences: Sequence[np.ndarray], users: Sequence[int],
       items = np.r_[x[first:], y[-1]]
       owned = np.r_[False, y[first:] > 0]
       prefix = prefixes[int(u)]
-      rows.append(list(prefix) + item_tokens[items].reshape(-1).tolist())
-      masks.append([False] * len(prefix) + np.repeat(owned, levels).tolist())
+      body, body_mask = _item_body(items, owned, item_tokens, titles)
+      rows.append(list(prefix) + body)
+      masks.append([False] * len(prefix) + body_mask)
       row_users.append(int(u))
-  length = max_prefix + (max_items + 1) * levels
+  length = max_prefix + (max_items + 1) * item_width(item_tokens, max_title)
   tokens = _left_pad(rows, length, pad_id)
   loss_mask = _left_pad([[int(m) for m in row] for row in masks], length,
                         0).astype(bool)
@@ -109,22 +161,29 @@ def next_item_rows(sequences: Sequence[np.ndarray], users: Sequence[int],
   }
 
 
-def prompt_rows(histories: np.ndarray, users: np.ndarray,
-                item_tokens: np.ndarray, prefixes: dict[int, list[int]],
-                max_items: int, max_prefix: int, pad_id: int) -> np.ndarray:
-  """(B, max_prefix + max_items * L) left-padded next-item prompts.
+def prompt_rows(histories: np.ndarray,
+                users: np.ndarray,
+                item_tokens: np.ndarray,
+                prefixes: dict[int, list[int]],
+                max_items: int,
+                max_prefix: int,
+                pad_id: int,
+                titles: Sequence[Sequence[int]] | None = None,
+                max_title: int = 0) -> np.ndarray:
+  """(B, max_prefix + max_items * item_width) left-padded prompts.
 
   Args:
     histories: (B, H) right-aligned, 0-padded item histories (the split's
       `histories`); the last `max_items` items are used.
+    titles, max_title: as in `next_item_rows`.
   """
-  levels = item_tokens.shape[1]
   rows = []
   for hist, u in zip(histories, users):
     items = hist[hist > 0][-max_items:]
-    rows.append(
-        list(prefixes[int(u)]) + item_tokens[items].reshape(-1).tolist())
-  return _left_pad(rows, max_prefix + max_items * levels, pad_id)
+    body, _ = _item_body(items, np.zeros(len(items), bool), item_tokens, titles)
+    rows.append(list(prefixes[int(u)]) + body)
+  width = item_width(item_tokens, max_title)
+  return _left_pad(rows, max_prefix + max_items * width, pad_id)
 
 
 def alignment_rows(dataset, vocab, item_tokens: np.ndarray, kind: str,
