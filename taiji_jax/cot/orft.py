@@ -99,11 +99,10 @@ def scoring_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
     masks.append([0] * len(head) + [1] * len(answer) + [int(mask_answer_end)])
   if length is None:
     length = max((len(r) for r in rows), default=1)
-  # The SFT rows' left padding (shared so both stay one convention).
-  left_pad = sft_data._left_pad  # pylint: disable=protected-access
+  # The SFT rows' left padding, so both stay one convention.
   return {
-      "tokens": left_pad(rows, length, pad),
-      "answer_mask": left_pad(masks, length, 0).astype(bool),
+      "tokens": sft_data.left_pad(rows, length, pad),
+      "answer_mask": sft_data.left_pad(masks, length, 0).astype(bool),
   }
 
 

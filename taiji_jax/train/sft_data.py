@@ -99,7 +99,12 @@ def item_width(item_tokens: np.ndarray, max_title: int = 0) -> int:
   return item_tokens.shape[1] + max_title
 
 
-def _left_pad(rows: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+def left_pad(rows: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+  """(R, length) int32: each row right-aligned after `pad_id`s.
+
+  Raises:
+    ValueError: a row longer than `length` (names the row).
+  """
   out = np.full((len(rows), length), pad_id, np.int32)
   for i, row in enumerate(rows):
     if len(row) > length:
@@ -150,8 +155,8 @@ def next_item_rows(sequences: Sequence[np.ndarray],
       masks.append([False] * len(prefix) + body_mask)
       row_users.append(int(u))
   length = max_prefix + (max_items + 1) * item_width(item_tokens, max_title)
-  tokens = _left_pad(rows, length, pad_id)
-  loss_mask = _left_pad([[int(m) for m in row] for row in masks], length,
+  tokens = left_pad(rows, length, pad_id)
+  loss_mask = left_pad([[int(m) for m in row] for row in masks], length,
                         0).astype(bool)
   return {
       "tokens": tokens,
@@ -183,7 +188,7 @@ def prompt_rows(histories: np.ndarray,
     body, _ = _item_body(items, np.zeros(len(items), bool), item_tokens, titles)
     rows.append(list(prefixes[int(u)]) + body)
   width = item_width(item_tokens, max_title)
-  return _left_pad(rows, max_prefix + max_items * width, pad_id)
+  return left_pad(rows, max_prefix + max_items * width, pad_id)
 
 
 def alignment_rows(dataset, vocab, item_tokens: np.ndarray, kind: str,
@@ -223,6 +228,6 @@ def alignment_rows(dataset, vocab, item_tokens: np.ndarray, kind: str,
     rows.append(prompt + target)
     masks.append([0] * len(prompt) + [1] * len(target))
   return {
-      "tokens": _left_pad(rows, length, vocab.pad_id),
-      "loss_mask": _left_pad(masks, length, 0).astype(bool),
+      "tokens": left_pad(rows, length, vocab.pad_id),
+      "loss_mask": left_pad(masks, length, 0).astype(bool),
   }
