@@ -17,6 +17,10 @@ under `jax.jit`:
 * `lloyd_step` / `fit` - Lloyd iterations with deterministic re-seeding of
   empty clusters and an early stop on the relative change of the inertia.
 
+The distance and assignment helpers live in `distances.py` and the
+balanced assignment in `balanced.py`; both are re-exported here, so
+`kmeans.<name>` is the one public entry point.
+
 Value checks (NaN/inf rows, k larger than the number of distinct points)
 need concrete arrays and run in `fit` / `check_points`; under an outer
 `jax.jit` they are skipped and only shape checks remain.
@@ -30,18 +34,28 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
-# Rows per block in `assign`; the distance block is DEFAULT_CHUNK x K floats.
-DEFAULT_CHUNK = 4096
+from taiji_jax.quantize import balanced as balanced_lib
+from taiji_jax.quantize import distances
+
+# Re-exported: `kmeans` stays the one public entry point of the k-means code.
+DEFAULT_CHUNK = distances.DEFAULT_CHUNK
+DEFAULT_CANDIDATES = balanced_lib.DEFAULT_CANDIDATES
+check_points = distances.check_points
+pairwise_sq_dists = distances.pairwise_sq_dists
+map_row_blocks = distances.map_row_blocks
+assign = distances.assign
+balanced_assign = balanced_lib.balanced_assign
+default_capacity = balanced_lib.default_capacity
+as_float = distances.as_float
+check_matrix = distances.check_matrix
+
 # k-means++ seeds from a uniform subsample of at most this many points: the
 # seeding loop makes k passes over the points it sees, and 100k points are
 # plenty to place a few thousand seeds that Lloyd then refines on all data.
 KMEANSPP_MAX_POINTS = 100_000
 # Relative round-off under which k-means++ treats a squared distance as 0.
 _ZERO_RTOL = 1e-5
-# Candidate clusters per point that `balanced_assign` ranks exactly.
-DEFAULT_CANDIDATES = 32
 
 
 class KMeansResult(NamedTuple):
@@ -59,157 +73,6 @@ class KMeansResult(NamedTuple):
   codes: jax.Array
   inertia: jax.Array
   iterations: jax.Array
-
-
-def _check_matrix(name: str, a: jax.Array) -> None:
-  if a.ndim != 2:
-    raise ValueError(f"{name} must be 2-D, got shape {tuple(a.shape)}.")
-
-
-def _as_float(a) -> jax.Array:
-  a = jnp.asarray(a)
-  return a.astype(jnp.promote_types(a.dtype, jnp.float32))
-
-
-def _is_concrete(a) -> bool:
-  return not isinstance(a, jax.core.Tracer)
-
-
-def check_points(x_nd, k: int | None = None, name: str = "x_nd") -> None:
-  """Raises ValueError on a bad point matrix; a no-op on tracers.
-
-  Checks that `x_nd` is 2-D with at least one row, that every row is finite
-  (naming how many are not and the first such index) and, when `k` is given,
-  that there are at least `k` points and at least `k` distinct points (k-means
-  with more clusters than distinct points leaves duplicate centroids).
-
-  Args:
-    x_nd: (N, D) points.
-    k: number of clusters that will be fitted, or None.
-    name: how to call the array in messages.
-  """
-  x_nd = jnp.asarray(x_nd)
-  if x_nd.ndim != 2:
-    raise ValueError(f"{name} must be 2-D (N, D), got shape "
-                     f"{tuple(x_nd.shape)}.")
-  n = x_nd.shape[0]
-  if n == 0 or x_nd.shape[1] == 0:
-    raise ValueError(f"{name} is empty, shape {tuple(x_nd.shape)}.")
-  if k is not None:
-    if k < 1:
-      raise ValueError(f"k must be >= 1, got k={k}.")
-    if k > n:
-      raise ValueError(f"k={k} clusters need at least k points, got N={n}.")
-  if not _is_concrete(x_nd):
-    return
-  finite_n = np.asarray(jnp.isfinite(x_nd).all(axis=1))
-  if not finite_n.all():
-    bad = np.flatnonzero(~finite_n)
-    raise ValueError(f"{name} has {bad.size} of {n} rows with NaN or inf "
-                     f"values; the first is row {bad[0]}.")
-  if k is not None and k > 1:
-    distinct = _count_distinct_rows_at_least(x_nd, k)
-    if distinct < k:
-      raise ValueError(f"k={k} exceeds the number of distinct points "
-                       f"({distinct}) among N={n} points.")
-
-
-def _count_distinct_rows_at_least(x_nd: jax.Array, k: int) -> int:
-  """Counts distinct rows, cheaply when there are clearly at least k.
-
-  A random projection maps distinct rows to (almost surely) distinct
-  numbers and equal rows to equal ones, so the number of distinct projections
-  is a lower bound computed in O(N D); only when that bound is below k do we
-  pay for an exact `np.unique(axis=0)`.
-  """
-  rng = np.random.default_rng(0)
-  proj_d = jnp.asarray(rng.standard_normal(x_nd.shape[1]), x_nd.dtype)
-  hashes_n = np.asarray(x_nd @ proj_d)
-  lower = np.unique(hashes_n).size
-  if lower >= k:
-    return lower
-  return int(np.unique(np.asarray(x_nd), axis=0).shape[0])
-
-
-def pairwise_sq_dists(x_nd: jax.Array, c_kd: jax.Array) -> jax.Array:
-  """Squared Euclidean distances (N, K) as ||x||^2 - 2 x.c + ||c||^2.
-
-  The expansion turns the work into one matmul (run at full float32
-  precision so that TPU/GPU defaults of bf16/tf32 passes do not flip
-  argmins); cancellation can make it slightly negative, hence the clamp.
-  """
-  x_nd, c_kd = _as_float(x_nd), _as_float(c_kd)
-  _check_matrix("x_nd", x_nd)
-  _check_matrix("c_kd", c_kd)
-  if x_nd.shape[1] != c_kd.shape[1]:
-    raise ValueError(f"x_nd has dim {x_nd.shape[1]} but c_kd has dim "
-                     f"{c_kd.shape[1]}.")
-  x2_n1 = jnp.sum(x_nd * x_nd, axis=1, keepdims=True)
-  c2_1k = jnp.sum(c_kd * c_kd, axis=1)[None, :]
-  xc_nk = jnp.matmul(x_nd, c_kd.T, precision=lax.Precision.HIGHEST)
-  return jnp.maximum(x2_n1 - 2.0 * xc_nk + c2_1k, 0.0)
-
-
-def map_row_blocks(fn, rows, chunk: int):
-  """Applies `fn` to blocks of `chunk` rows and stitches the outputs.
-
-  `rows` is a pytree of arrays sharing the leading dim N; `fn` maps a block
-  (the same pytree with leading dim chunk) to a pytree of arrays with leading
-  dim chunk. Blocks run in a `lax.fori_loop` reading with
-  `lax.dynamic_slice`; the last block starts at N - chunk and so overlaps
-  its predecessor, recomputing a few rows with identical results. That
-  avoids padding (a copy of the whole input, 1.5 GB for 1M x 384 floats)
-  while keeping every block the same static shape.
-  """
-  leaves = jax.tree.leaves(rows)
-  n = leaves[0].shape[0]
-  chunk = max(1, min(int(chunk), n))
-  num_blocks = -(-n // chunk)
-  if num_blocks == 1:
-    return fn(rows)
-  block_shapes = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((chunk,) + a.shape[1:], a.dtype), rows)
-  out_shapes = jax.eval_shape(fn, block_shapes)
-  outs = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype),
-                      out_shapes)
-
-  def body(i, outs):
-    start = jnp.minimum(i * chunk, n - chunk)
-    block = jax.tree.map(
-        lambda a: lax.dynamic_slice_in_dim(a, start, chunk, axis=0), rows)
-    res = fn(block)
-    return jax.tree.map(
-        lambda o, r: lax.dynamic_update_slice_in_dim(o, r, start, axis=0), outs,
-        res)
-
-  return lax.fori_loop(0, num_blocks, body, outs)
-
-
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def assign(x_nd: jax.Array,
-           c_kd: jax.Array,
-           chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
-  """Nearest centroid of every point, computed over row blocks.
-
-  Args:
-    x_nd: (N, D) points.
-    c_kd: (K, D) centroids.
-    chunk: rows per block; peak extra memory is chunk * K floats.
-
-  Returns:
-    codes_n: (N,) int32 index of the nearest centroid (lowest index on ties).
-    sq_dist_n: (N,) squared distance to it.
-  """
-  x_nd, c_kd = _as_float(x_nd), _as_float(c_kd)
-  _check_matrix("x_nd", x_nd)
-  _check_matrix("c_kd", c_kd)
-
-  def block(xb_cd):
-    d_ck = pairwise_sq_dists(xb_cd, c_kd)
-    codes_c = jnp.argmin(d_ck, axis=1).astype(jnp.int32)
-    return codes_c, jnp.take_along_axis(d_ck, codes_c[:, None], axis=1)[:, 0]
-
-  return map_row_blocks(block, x_nd, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "max_points"))
@@ -237,8 +100,8 @@ def kmeans_plus_plus(key: jax.Array,
   Returns:
     (k, D) seeds, each a row of x_nd.
   """
-  x_nd = _as_float(x_nd)
-  _check_matrix("x_nd", x_nd)
+  x_nd = as_float(x_nd)
+  check_matrix("x_nd", x_nd)
   n, d = x_nd.shape
   if not 1 <= k <= n:
     raise ValueError(f"k={k} clusters need 1 <= k <= N points, got N={n}.")
@@ -279,191 +142,6 @@ def kmeans_plus_plus(key: jax.Array,
   return seeds_kd
 
 
-def _rank_within_groups(group_n: jax.Array, dist_n: jax.Array,
-                        num_groups: int) -> jax.Array:
-  """Rank of each element inside its group, by (dist, index) ascending."""
-  n = group_n.shape[0]
-  idx_n = jnp.arange(n, dtype=jnp.int32)
-  order_n = jnp.lexsort((idx_n, dist_n, group_n))
-  group_sorted_n = group_n[order_n]
-  counts_g = jnp.bincount(group_n, length=num_groups)
-  starts_g = jnp.cumsum(counts_g) - counts_g
-  rank_sorted_n = idx_n - starts_g[group_sorted_n].astype(jnp.int32)
-  return jnp.zeros((n,), jnp.int32).at[order_n].set(rank_sorted_n)
-
-
-def _accept(target_n, dist_n, active_n, cap_k):
-  """Each cluster keeps its `cap_k` closest active proposers."""
-  k = cap_k.shape[0]
-  group_n = jnp.where(active_n, target_n, k)  # Inactive: sentinel group k.
-  rank_n = _rank_within_groups(group_n, dist_n, k + 1)
-  cap_ext = jnp.concatenate([cap_k, jnp.zeros((1,), cap_k.dtype)])
-  return active_n & (rank_n < cap_ext[group_n])
-
-
-def default_capacity(n: int, k: int) -> int:
-  """Per-cluster capacity of a balanced assignment: ceil(N / K)."""
-  return -(-n // k)
-
-
-def _check_capacity(capacity, k: int, n: int) -> None:
-  if _is_concrete(capacity) and int(capacity) * k < n:
-    raise ValueError(f"capacity {int(capacity)} x K={k} clusters cannot hold "
-                     f"N={n} points.")
-
-
-def balanced_assign(x_nd: jax.Array,
-                    c_kd: jax.Array,
-                    capacity: int | jax.Array | None = None,
-                    candidates: int = DEFAULT_CANDIDATES,
-                    chunk: int = DEFAULT_CHUNK,
-                    max_rounds: int = 512) -> tuple[jax.Array, jax.Array]:
-  """Capacity-constrained assignment: no cluster gets more than `capacity`.
-
-  The target is the greedy matching by sorted (point, cluster) distance:
-  walk all pairs from the closest up and take a pair when the point is still
-  free and the cluster still has room. When both sides rank partners by the
-  same pair distance that matching is the unique stable matching, so it is
-  computed in parallel by point-proposing deferred acceptance (Gale-Shapley
-  with capacities): every free point proposes to its next-closest cluster,
-  every cluster keeps its `capacity` closest proposers and rejects the rest,
-  until nobody is rejected. Each round is one sort of N keys.
-
-  To keep memory at N * candidates, points rank only their `candidates`
-  nearest clusters (found in row blocks like `assign`); with
-  candidates >= K the result is exactly the greedy matching. Points rejected
-  by all their candidates (or still free after `max_rounds`) are placed by
-  "closing rounds": each proposes to its nearest cluster that still has
-  room, each such cluster keeps its closest proposers up to its remaining
-  room, so every round fills a cluster or places everyone (<= K rounds).
-
-  Args:
-    x_nd: (N, D) points.
-    c_kd: (K, D) centroids.
-    capacity: max points per cluster (an int, or a traced int scalar);
-      default ceil(N / K). A concrete capacity must satisfy K * capacity >=
-      N; with a traced one that is too small the unplaced points get -1.
-    candidates: nearest clusters each point ranks exactly (static).
-    chunk: rows per block of the distance computations.
-    max_rounds: cap on deferred-acceptance rounds (the rest go to the
-      closing rounds).
-
-  Returns:
-    codes_n: (N,) int32 assigned cluster.
-    sq_dist_n: (N,) squared distance to the assigned centroid.
-  """
-  x_nd, c_kd = _as_float(x_nd), _as_float(c_kd)
-  _check_matrix("x_nd", x_nd)
-  _check_matrix("c_kd", c_kd)
-  n, k = x_nd.shape[0], c_kd.shape[0]
-  if capacity is None:
-    capacity = default_capacity(n, k)
-  _check_capacity(capacity, k, n)
-  return _balanced_assign(
-      x_nd,
-      c_kd,
-      jnp.asarray(capacity, jnp.int32),
-      jnp.asarray(max_rounds, jnp.int32),
-      candidates=int(candidates),
-      chunk=int(chunk))
-
-
-@functools.partial(jax.jit, static_argnames=("candidates", "chunk"))
-def _balanced_assign(x_nd, c_kd, cap, max_rounds, *, candidates, chunk):
-  """`balanced_assign` with capacity and round cap as traced scalars."""
-  n, k = x_nd.shape[0], c_kd.shape[0]
-  m = max(1, min(int(candidates), k))
-
-  def top_m(xb_cd):
-    neg_d_cm, idx_cm = lax.top_k(-pairwise_sq_dists(xb_cd, c_kd), m)
-    return idx_cm.astype(jnp.int32), -neg_d_cm
-
-  cand_nm, cand_d_nm = map_row_blocks(top_m, x_nd, chunk)
-  cap_k = jnp.full((k,), cap, jnp.int32)
-  rows_n = jnp.arange(n)
-
-  def current(ptr_n):
-    col_n = jnp.minimum(ptr_n, m - 1)
-    return cand_nm[rows_n, col_n], cand_d_nm[rows_n, col_n], ptr_n < m
-
-  def da_cond(state):
-    _, rejected_any, rounds = state
-    return rejected_any & (rounds < max_rounds)
-
-  later_m = jnp.arange(m, dtype=jnp.int32)
-
-  def da_body(state):
-    ptr_n, _, rounds = state
-    target_n, dist_n, active_n = current(ptr_n)
-    held_n = _accept(target_n, dist_n, active_n, cap_k)
-    rejected_n = active_n & ~held_n
-    # A full cluster only ever trades up, so its worst held distance never
-    # grows: a rejected point skips every candidate that is full with
-    # closer points already (it would be rejected there too). This cuts the
-    # rounds from the candidate depth to the length of the displacement
-    # chains without changing the outcome.
-    held_count_k = jnp.bincount(
-        target_n, weights=held_n.astype(jnp.int32), length=k)
-    worst_k = jax.ops.segment_max(
-        jnp.where(held_n, dist_n, -jnp.inf), target_n, k)
-    bar_k = jnp.where(held_count_k >= cap_k, worst_k, jnp.inf)
-    viable_nm = ((later_m[None, :] > ptr_n[:, None]) &
-                 (cand_d_nm <= bar_k[cand_nm]))
-    next_n = jnp.where(
-        viable_nm.any(axis=1),
-        jnp.argmax(viable_nm, axis=1).astype(jnp.int32), m)
-    ptr_n = jnp.where(rejected_n, next_n, ptr_n)
-    return ptr_n, jnp.any(rejected_n), rounds + 1
-
-  ptr_n, _, _ = lax.while_loop(da_cond, da_body, (jnp.zeros(
-      (n,), jnp.int32), jnp.array(True), 0))
-  target_n, dist_n, active_n = current(ptr_n)
-  held_n = _accept(target_n, dist_n, active_n, cap_k)
-  codes_n = jnp.where(held_n, target_n, -1)
-  d2_n = jnp.where(held_n, dist_n, 0.0)
-  room_k = cap_k - jnp.bincount(
-      target_n, weights=held_n.astype(jnp.int32), length=k).astype(jnp.int32)
-
-  # Closing rounds for the points the candidate lists could not place.
-  # Only their rows are scored: the free points are moved to the front of
-  # an index order and just the blocks that hold them are computed, so a
-  # round costs in proportion to the points still free.
-  block = min(int(chunk), n)
-
-  def close_cond(state):
-    codes_n, _, _, rounds = state
-    return jnp.any(codes_n < 0) & (rounds <= k)
-
-  def close_body(state):
-    codes_n, d2_n, room_k, rounds = state
-    bias_k = jnp.where(room_k > 0, 0.0, jnp.inf)
-    free_n = codes_n < 0
-    order_n = jnp.argsort(~free_n, stable=True)
-    num_blocks = (jnp.sum(free_n) + block - 1) // block
-
-    def score_block(b, carry):
-      best_n, best_d_n = carry
-      start = jnp.minimum(b * block, n - block)
-      rows_c = lax.dynamic_slice_in_dim(order_n, start, block)
-      d_ck = pairwise_sq_dists(x_nd[rows_c], c_kd) + bias_k[None, :]
-      best_c = jnp.argmin(d_ck, axis=1).astype(jnp.int32)
-      best_d_c = jnp.take_along_axis(d_ck, best_c[:, None], axis=1)[:, 0]
-      return best_n.at[rows_c].set(best_c), best_d_n.at[rows_c].set(best_d_c)
-
-    best_n, best_d_n = lax.fori_loop(0, num_blocks, score_block, (jnp.zeros(
-        (n,), jnp.int32), jnp.full((n,), jnp.inf, x_nd.dtype)))
-    took_n = _accept(best_n, best_d_n, free_n, room_k)
-    codes_n = jnp.where(took_n, best_n, codes_n)
-    d2_n = jnp.where(took_n, best_d_n, d2_n)
-    room_k = room_k - jnp.bincount(
-        best_n, weights=took_n.astype(jnp.int32), length=k).astype(jnp.int32)
-    return codes_n, d2_n, room_k, rounds + 1
-
-  codes_n, d2_n, _, _ = lax.while_loop(close_cond, close_body,
-                                       (codes_n, d2_n, room_k, 0))
-  return codes_n, d2_n
-
-
 @functools.partial(jax.jit, static_argnames=("chunk", "balanced", "candidates"))
 def lloyd_step(
     x_nd: jax.Array,
@@ -493,7 +171,7 @@ def lloyd_step(
     codes_n: (N,) int32 assignment to the *input* centroids.
     inertia: () sum of squared distances of that assignment.
   """
-  x_nd, c_kd = _as_float(x_nd), _as_float(c_kd)
+  x_nd, c_kd = as_float(x_nd), as_float(c_kd)
   n, k = x_nd.shape[0], c_kd.shape[0]
   if balanced:
     codes_n, d2_n = balanced_assign(x_nd, c_kd, capacity, candidates, chunk)
@@ -593,15 +271,15 @@ def fit(key: jax.Array,
     ValueError: on NaN/inf rows, a non-2-D input, or k larger than N or
       than the number of distinct points.
   """
-  x_nd = _as_float(x_nd)
+  x_nd = as_float(x_nd)
   if check_inputs:
     check_points(x_nd, k)
   else:
-    _check_matrix("x_nd", x_nd)
+    check_matrix("x_nd", x_nd)
   if iters < 0:
     raise ValueError(f"iters must be >= 0, got {iters}.")
   if balanced and capacity is not None:
-    _check_capacity(capacity, k, x_nd.shape[0])
+    balanced_lib.check_capacity(capacity, k, x_nd.shape[0])
   return _fit(
       key,
       x_nd,
