@@ -14,11 +14,12 @@ constrained beam search (beams = max(ks)) that never returns a seen item,
 as SASRec's masked full ranking.
 
 Expected with the default fused RQ-VAE SIDs of `configs/ml100k_sids.py`
-(seed 0; 449k parameters, vocab 1202, 87 steps per epoch, ~55 s per epoch
-and ~13 s per valid evaluation on 2 CPU cores): test Recall@10 / NDCG@10
-around 0.12 / 0.064, against SASRec's 0.2057 / 0.1089 (README, "The
-SID-LLM", for the runs behind these defaults and the measured figure of
-`make run`).
+(seed 0; 449k parameters, vocab 1202, 87 steps per epoch, ~55-80 s per
+epoch and ~13 s per valid evaluation on 2 CPU cores): `make run` measured
+test Recall@10 0.1135 / NDCG@10 0.0594 (valid NDCG@10 0.0595 at epoch 6),
+against SASRec's 0.2057 / 0.1089; with `train.num_epochs=8` and
+`eval.every_epochs=1`, 0.1251 / 0.0642. README, "The SID-LLM", has every
+run behind these defaults.
 
 Variants: `:smoke` (synthetic data, tiny decoder, seconds; SIDs from
 `configs/ml100k_sids.py:smoke`). Any field can be overridden, e.g.
