@@ -43,6 +43,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from taiji_jax.evaluate import semantic
+
+# One parser of label-valued features for the teacher and the metrics.
+item_labels = semantic.item_labels
+
 # Item fields read as labels, with the noun a sentence calls them by.
 LABEL_FIELDS = {
     "genres": "genre",
@@ -418,18 +423,6 @@ class AttributeTeacher(Teacher):
         r.text
         for r in self.candidates(user, history_items, target_item, k, seed)
     ]
-
-
-def item_labels(value) -> tuple[str, ...]:
-  """Labels of one feature value: a str -> (str,), a sequence -> its
-  distinct non-empty entries in order, None -> ()."""
-  if value is None:
-    return ()
-  if isinstance(value, str):
-    return (value,) if value.strip() else ()
-  if isinstance(value, (tuple, list)):
-    return tuple(dict.fromkeys(str(v) for v in value if v not in (None, "")))
-  return (str(value),)
 
 
 def decade(year: int) -> int:
