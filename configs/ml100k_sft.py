@@ -86,6 +86,8 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)
   c.eval.num_beams = 0  # beam width of the ranking (0: max(ks))
+  # Item feature of the semantic label metrics (label_acc@1, ...); "": none.
+  c.eval.label_field = "genres"
   c.eval.batch_size = 128
   c.eval.every_epochs = 2
   c.eval.early_stop_metric = "ndcg@10"
@@ -107,4 +109,5 @@ def get_config(arg=None):
     c.train.checkpoint_every_epochs = 1
     c.eval.batch_size = 32
     c.eval.every_epochs = 1
+    c.eval.label_field = "category"  # the synthetic dataset's labels
   return c.lock()

@@ -71,3 +71,16 @@ def test_with_unique_titles_title_hit_equals_recall():
     np.testing.assert_array_equal(hits[f"title_hit@{k}"], recall[f"recall@{k}"])
   table, _ = semantic.label_table(dataset, "category")
   assert table[1:].any(axis=1).all()
+
+
+def test_numpy_tables_work_inside_jit():
+  table, _ = semantic.label_table(_Movies(), "genres")
+  ids = semantic.title_table(_Movies())
+  items, targets = np.array([[2, 3]]), np.array([1])
+  run = jax.jit(lambda i, t: {
+      **semantic.label_metrics(i, t, table),
+      **semantic.title_hits(i, t, ids, (1,))
+  })
+  out = run(items, targets)
+  assert float(out["label_acc@1"][0]) == 1.0
+  assert float(out["title_hit@1"][0]) == 1.0

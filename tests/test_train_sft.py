@@ -212,6 +212,11 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
         assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0
     # Every recommended item is a real, unseen item.
     assert metrics["legal_items"] == 1.0
+    # Semantic metrics: labels of the top-1 item; the synthetic titles are
+    # unique, so a title hit is an item hit.
+    assert 0.0 <= metrics["label_exact@1"] <= metrics["label_acc@1"] <= 1.0
+    for k in config.eval.ks:
+      assert metrics[f"title_hit@{k}"] == pytest.approx(metrics[f"recall@{k}"])
   assert [r["epoch"] for r in records
          ] == list(range(1, config.train.num_epochs + 1))
   assert records[-1]["train/loss"] < records[0]["train/loss"]

@@ -77,6 +77,7 @@ def label_metrics(items_bk: jax.Array, targets_b: jax.Array,
     {"label_acc@1", "label_exact@1", "label_jaccard@1"}, each (B,) float32;
     0 where the top-1 slot is empty or either item has no label.
   """
+  labels_vl = jnp.asarray(labels_vl)  # a NumPy table indexes traced ids too
   top = labels_vl[items_bk[:, 0]]  # (B, L)
   want = labels_vl[targets_b]  # (B, L)
   both = jnp.sum(top & want, axis=-1)
@@ -134,6 +135,7 @@ def title_hits(
   ks = tuple(int(k) for k in ks)
   if not ks or min(ks) < 1 or max(ks) > items_bk.shape[1]:
     raise ValueError(f"ks {ks} must be in [1, {items_bk.shape[1]}].")
+  title_ids_v = jnp.asarray(title_ids_v)
   same_bk = (title_ids_v[items_bk] == title_ids_v[targets_b][:, None]) & (
       items_bk > 0)
   return {

@@ -50,6 +50,7 @@ import tqdm
 from taiji_jax import sharding
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.evaluate import metrics as metrics_lib
+from taiji_jax.evaluate import semantic
 from taiji_jax.generate import recommend as recommend_lib
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
@@ -253,6 +254,24 @@ class Setup:
   mesh: Any
 
 
+def semantic_tables(config: ml_collections.ConfigDict, dataset):
+  """(label table or None, title ids or None) for the semantic metrics.
+
+  Labels come from the item feature `config.eval.label_field` ("" or a
+  dataset without it: none); titles from "title" when the dataset has it.
+  """
+  if dataset is None:
+    return None, None
+  labels = None
+  field = config.eval.label_field
+  if field:
+    labels, _ = semantic.label_table(dataset, field)
+  titles = None
+  if "title" in dataset.item_features:
+    titles = semantic.title_table(dataset)
+  return labels, titles
+
+
 def eval_beams(config: ml_collections.ConfigDict) -> int:
   """Beams of the evaluation's beam search: `eval.num_beams`, >= max(ks).
 
@@ -337,10 +356,17 @@ def jit_train_step(train_step, state_shardings, mesh: jax.sharding.Mesh):
 
 
 def build(config: ml_collections.ConfigDict,
-          model_cfg: decoder_lib.DecoderConfig, total_steps: int,
-          mesh: jax.sharding.Mesh, sids: sid_lib.SemanticIds,
-          vocab: vocab_lib.Vocab) -> Setup:
-  """Abstract init -> shardings -> sharded init and jitted steps."""
+          model_cfg: decoder_lib.DecoderConfig,
+          total_steps: int,
+          mesh: jax.sharding.Mesh,
+          sids: sid_lib.SemanticIds,
+          vocab: vocab_lib.Vocab,
+          dataset=None) -> Setup:
+  """Abstract init -> shardings -> sharded init and jitted steps.
+
+  With `dataset`, the evaluation also reports the semantic metrics of
+  `evaluate.semantic` (`semantic_tables`).
+  """
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx = sasrec_trainer.make_optimizer(config, total_steps)
   pad_id = vocab.pad_id
@@ -353,6 +379,7 @@ def build(config: ml_collections.ConfigDict,
 
   ks = tuple(sorted(config.eval.ks))
   num_beams = eval_beams(config)
+  labels_vl, title_ids_v = semantic_tables(config, dataset)
   trie, paths = sids.trie, sids.paths
   offsets = tuple(int(o) for o in vocab.level_offsets)
 
@@ -372,6 +399,11 @@ def build(config: ml_collections.ConfigDict,
     legal_bk = (items_bk > 0) & ~jnp.any(
         seen_bks & (batch["seen_items"][:, None, :] > 0), axis=-1)
     out["legal_items"] = jnp.all(legal_bk, axis=1).astype(jnp.float32)
+    if labels_vl is not None:
+      out.update(semantic.label_metrics(items_bk, batch["targets"], labels_vl))
+    if title_ids_v is not None:
+      out.update(
+          semantic.title_hits(items_bk, batch["targets"], title_ids_v, ks))
     return out
 
   def put_batch(batch):
@@ -442,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model_cfg = model_config(config, vocab.size)
-  setup = build(config, model_cfg, total_steps, mesh, sids, vocab)
+  setup = build(config, model_cfg, total_steps, mesh, sids, vocab, dataset)
   logging.info("decoder %s: %d parameters", model_cfg,
                decoder_lib.count_params(model_cfg))
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
