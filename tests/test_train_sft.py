@@ -168,6 +168,8 @@ def test_length_buckets_cut_only_padding_and_cover_every_row(small_setup):
     assert np.all(real > width - 8) and np.all(real <= width)
   assert len(widths) > 1  # alignment rows are much shorter than history rows
   assert set(seen) == set(range(len(rows["tokens"])))
+  assert len(seen) == 16 * sft.num_batches(rows, 16, pad, bucket=8)
+  assert sft.num_batches(rows, 16, pad, 0) == -(-len(rows["tokens"]) // 16)
   again = [
       b["row"][:, 0].tolist()
       for b in sft.epoch_batches(tagged, 16, 3, 0, pad, bucket=8)

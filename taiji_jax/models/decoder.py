@@ -239,6 +239,14 @@ def _call_block(block, x_btd, cos_bth, sin_bth, mask_bts, kv, index_b, key):
 _remat_block = nnx.remat(_call_block)
 
 
+def _real_tokens(tokens_bt: jax.Array,
+                 attention_mask_bt: jax.Array | None) -> jax.Array:
+  """(B, T) bool mask of real tokens; all real when no mask is given."""
+  if attention_mask_bt is None:
+    return jnp.ones(tokens_bt.shape, bool)
+  return attention_mask_bt.astype(bool)
+
+
 def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
   """RoPE positions counting real tokens only: 0 at each row's first."""
   mask = attention_mask_bt.astype(jnp.int32)
@@ -302,11 +310,8 @@ class Decoder(nnx.Module):
       dropout_rng: a PRNG key for training-time dropout
         (`cfg.dropout_rate`); None (the default) drops nothing.
     """
-    b, t = tokens_bt.shape
-    if attention_mask_bt is None:
-      mask_bt = jnp.ones((b, t), bool)
-    else:
-      mask_bt = attention_mask_bt.astype(bool)
+    t = tokens_bt.shape[1]
+    mask_bt = _real_tokens(tokens_bt, attention_mask_bt)
     if positions_bt is None:
       positions_bt = default_positions(mask_bt)
     cos_bth, sin_bth = self._rope(positions_bt)
@@ -375,11 +380,8 @@ class Decoder(nnx.Module):
     Returns:
       (logits (B, T, V) float32, updated cache).
     """
-    b, t = tokens_bt.shape
-    if attention_mask_bt is None:
-      mask_bt = jnp.ones((b, t), bool)
-    else:
-      mask_bt = attention_mask_bt.astype(bool)
+    t = tokens_bt.shape[1]
+    mask_bt = _real_tokens(tokens_bt, attention_mask_bt)
     if positions_bt is None:
       positions_bt = (cache.next_position[:, None] + default_positions(mask_bt))
     cache_mask_bs = _write_rows(cache.mask, mask_bt, cache.index)

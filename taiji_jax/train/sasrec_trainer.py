@@ -42,6 +42,7 @@ from taiji_jax.models import sasrec
 from taiji_jax.train import checkpointing
 from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
+from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
 
@@ -102,25 +103,12 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx = make_optimizer(config, total_steps)
 
-  def init_state():
-    model = sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=config.seed))
-    params = nnx.state(model, nnx.Param)
-    return {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32)
-    }
-
-  abstract_model = nnx.eval_shape(
-      lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0)))
-  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("SASRec must hold only parameters; found other state.")
-  del abstract_params
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-  with sharding.use_mesh(mesh, rules):
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+  graphdef = train_state.params_graphdef(
+      nnx.eval_shape(lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0))))
+  state, state_shardings = train_state.init_sharded(
+      train_state.init_fn(
+          lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=config.seed)),
+          tx), mesh, rules)
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params)
@@ -132,32 +120,19 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
     rng = jax.random.fold_in(key, state["step"])
     (loss, count), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state["params"], batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    state = train_state.apply_gradients(state, grads, tx)
     metrics = {
         "loss": loss,
         "targets": count,
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        "param_norm": optax.tree.norm(state["params"]),
     }
-    return {
-        "params": params,
-        "opt_state": opt_state,
-        "step": state["step"] + 1
-    }, metrics
+    return state, metrics
 
   def score_fn(params, histories):
     return sasrec.score(nnx.merge(graphdef, params), histories)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def put_batch(batch):
-    return {
-        k:
-            jax.device_put(v,
-                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
-        for k, v in batch.items()
-    }
 
   jit_train = jax.jit(
       train_step,
@@ -171,11 +146,9 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
   other_eval_step = jax.jit(
       full_ranking.make_eval_step(score_fn, config.eval.ks,
                                   not config.eval.mask_history))
-  copy_params = jax.jit(
-      lambda p: jax.tree.map(jnp.copy, p),
-      out_shardings=state_shardings["params"])
   return Setup(graphdef, state, state_shardings, jit_train, eval_step,
-               other_eval_step, copy_params, put_batch, mesh)
+               other_eval_step, train_state.params_copier(state_shardings),
+               train_state.batch_putter(mesh, rules), mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

@@ -61,6 +61,7 @@ from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft_data
+from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
 PRESETS = ("tiny", "small")
@@ -170,6 +171,24 @@ def real_lengths(tokens: np.ndarray, pad_id: int) -> np.ndarray:
   return np.where(real.any(1), tokens.shape[1] - np.argmax(real, axis=1), 0)
 
 
+def bucket_widths(tokens: np.ndarray, pad_id: int, bucket: int) -> np.ndarray:
+  """(R,) batch width of each row: its real length rounded up to a multiple
+  of `bucket` (at most the row length); the row length when `bucket` is 0."""
+  length = tokens.shape[1]
+  if bucket <= 0:
+    return np.full(len(tokens), length)
+  real = real_lengths(tokens, pad_id)
+  return np.minimum(-(-real // bucket) * bucket, length)
+
+
+def num_batches(rows: dict[str, np.ndarray], batch_size: int, pad_id: int,
+                bucket: int) -> int:
+  """Batches per epoch of `epoch_batches` (the same for every epoch)."""
+  _, counts = np.unique(
+      bucket_widths(rows["tokens"], pad_id, bucket), return_counts=True)
+  return int(np.sum(-(-counts // batch_size)))
+
+
 def epoch_batches(rows: dict[str, np.ndarray],
                   batch_size: int,
                   seed: int,
@@ -195,11 +214,7 @@ def epoch_batches(rows: dict[str, np.ndarray],
   n, length = rows["tokens"].shape
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(n)
-  if bucket > 0:
-    real = real_lengths(rows["tokens"], pad_id)
-    widths = np.minimum(-(-real // bucket) * bucket, length)
-  else:
-    widths = np.full(n, length)
+  widths = bucket_widths(rows["tokens"], pad_id, bucket)
   batches = []
   for width in np.unique(widths):
     idx = order[widths[order] == width]
@@ -305,18 +320,12 @@ def make_train_step(graphdef,
         lambda p: sft_loss(nnx.merge(graphdef, p), batch, pad_id, key),
         has_aux=True)(
             state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     metrics = {
         "loss": loss,
         "targets": count,
         "grad_norm": optax.tree.norm(grads),
     }
-    return {
-        "params": params,
-        "opt_state": opt_state,
-        "step": state["step"] + 1
-    }, metrics
+    return train_state.apply_gradients(state, grads, tx), metrics
 
   return train_step
 
@@ -328,20 +337,10 @@ def state_init_fn(model_cfg: decoder_lib.DecoderConfig,
   `jax.eval_shape(init_state)` gives the abstract state (no memory), from
   which `sharding.tree_shardings` derives the state's shardings.
   """
-
-  def init_state():
-    model = decoder_lib.Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
-    params = nnx.state(model, nnx.Param)
-    return {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32)
-    }
-
-  graphdef, _, rest = nnx.split(
-      decoder_lib.abstract_decoder(model_cfg), nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("the decoder must hold only parameters.")
+  init_state = train_state.init_fn(
+      lambda: decoder_lib.Decoder(model_cfg, rngs=nnx.Rngs(params=seed)), tx)
+  graphdef = train_state.params_graphdef(
+      decoder_lib.abstract_decoder(model_cfg))
   return graphdef, init_state
 
 
@@ -371,10 +370,7 @@ def build(config: ml_collections.ConfigDict,
   tx = sasrec_trainer.make_optimizer(config, total_steps)
   pad_id = vocab.pad_id
   graphdef, init_state = state_init_fn(model_cfg, tx, config.seed)
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-  with sharding.use_mesh(mesh, rules):
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+  state, state_shardings = train_state.init_sharded(init_state, mesh, rules)
   train_step = make_train_step(graphdef, tx, pad_id, config.seed)
 
   ks = tuple(sorted(config.eval.ks))
@@ -406,20 +402,10 @@ def build(config: ml_collections.ConfigDict,
           semantic.title_hits(items_bk, batch["targets"], title_ids_v, ks))
     return out
 
-  def put_batch(batch):
-    return {
-        k:
-            jax.device_put(v,
-                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
-        for k, v in batch.items()
-    }
-
   jit_train = jit_train_step(train_step, state_shardings, mesh)
-  copy_params = jax.jit(
-      lambda p: jax.tree.map(jnp.copy, p),
-      out_shardings=state_shardings["params"])
   return Setup(graphdef, state, state_shardings, jit_train, jax.jit(eval_step),
-               copy_params, put_batch, mesh)
+               train_state.params_copier(state_shardings),
+               train_state.batch_putter(mesh, rules), mesh)
 
 
 def _eval_split(part: dict[str, np.ndarray],
@@ -468,8 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                rows["tokens"].shape[1], vocab.size)
 
   batch_size = config.train.batch_size
-  steps_per_epoch = sum(1 for _ in epoch_batches(
-      rows, batch_size, 0, 0, vocab.pad_id, config.train.length_bucket))
+  steps_per_epoch = num_batches(rows, batch_size, vocab.pad_id,
+                                config.train.length_bucket)
   total_steps = steps_per_epoch * config.train.num_epochs
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(r) for r in config.sharding_rules)

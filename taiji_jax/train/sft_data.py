@@ -157,7 +157,7 @@ def next_item_rows(sequences: Sequence[np.ndarray],
   length = max_prefix + (max_items + 1) * item_width(item_tokens, max_title)
   tokens = left_pad(rows, length, pad_id)
   loss_mask = left_pad([[int(m) for m in row] for row in masks], length,
-                        0).astype(bool)
+                       0).astype(bool)
   return {
       "tokens": tokens,
       "loss_mask": loss_mask,

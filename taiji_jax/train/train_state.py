@@ -1,0 +1,91 @@
+"""The train state shared by the trainers: build it sharded, step it.
+
+A train state is {"params", "opt_state", "step"}. Every trainer builds it
+the same way (abstract first, then sharded: `jax.eval_shape` of the init,
+shardings from the parameters' logical axes, `jax.jit(init,
+out_shardings=...)`), applies one optax update per step, places host
+batches on the mesh and keeps a copy of the best parameters. These are
+those shared pieces; the trainers add their model and loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from taiji_jax import sharding
+
+
+def params_graphdef(abstract_model: nnx.Module) -> Any:
+  """The graphdef of a model that must hold only parameters.
+
+  Raises:
+    ValueError: the model holds other state (it would not be saved).
+  """
+  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"{type(abstract_model).__name__} must hold only "
+                     "parameters; found other state.")
+  return graphdef
+
+
+def init_fn(make_model: Callable[[], nnx.Module],
+            tx: optax.GradientTransformation) -> Callable[[], dict]:
+  """`init_state()` -> {"params", "opt_state", "step": 0} of a new model."""
+
+  def init_state():
+    params = nnx.state(make_model(), nnx.Param)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32)
+    }
+
+  return init_state
+
+
+def init_sharded(init_state: Callable[[], dict], mesh: jax.sharding.Mesh,
+                 rules: sharding.Rules) -> tuple[dict, Any]:
+  """(state, state_shardings): shardings from the abstract state, then the
+  state initialised directly into them (no unsharded copy)."""
+  shardings = sharding.tree_shardings(jax.eval_shape(init_state), mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init_state, out_shardings=shardings)()
+  return state, shardings
+
+
+def apply_gradients(state: dict, grads: Any,
+                    tx: optax.GradientTransformation) -> dict:
+  """One optax update of `state` with `grads`; the step counter + 1."""
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  return {
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1
+  }
+
+
+def batch_putter(mesh: jax.sharding.Mesh, rules: sharding.Rules):
+  """`put(batch)`: every array of a host batch onto the batch sharding."""
+
+  def put(batch: dict) -> dict:
+    return {
+        k:
+            jax.device_put(v,
+                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
+        for k, v in batch.items()
+    }
+
+  return put
+
+
+def params_copier(state_shardings: Any):
+  """A jitted copy of the parameters (the best-so-far snapshot), so the
+  donated train state never aliases it."""
+  return jax.jit(
+      lambda p: jax.tree.map(jnp.copy, p),
+      out_shardings=state_shardings["params"])
