@@ -45,6 +45,8 @@ def get_config(arg=None):
   c.dataset = config_lib.load_config_file(
       _HERE / "ml100k_sasrec.py", "smoke" if arg.smoke else None).dataset
   c.sids_workdir = ""  # empty: <workdir>/../sids
+  # Another SFT workdir whose best parameters start a fresh run ("": init).
+  c.init_from = ""
 
   c.vocab = ml_collections.ConfigDict({"size": 1000, "model_type": "bpe"})
 
@@ -91,6 +93,15 @@ def get_config(arg=None):
   c.eval.batch_size = 128
   c.eval.every_epochs = 2
   c.eval.early_stop_metric = "ndcg@10"
+  # Think-then-recommend (train/sft_eval.py): a rationale of at most
+  # max_think tokens (greedy at temperature 0, else num_traces sampled
+  # traces with their beams merged), then the SID beam after <answer>;
+  # format_check adds the unconstrained format-compliance rate.
+  c.eval.think = False
+  c.eval.max_think = 64
+  c.eval.think_temperature = 0.0
+  c.eval.num_traces = 1
+  c.eval.format_check = True
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]

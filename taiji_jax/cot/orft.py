@@ -51,7 +51,23 @@ def scoring_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
                  vocab,
                  length: int | None = None,
                  mask_answer_end: bool = False) -> dict[str, np.ndarray]:
+  """ORFT's scoring rows: `reasoning_rows` with the mask on the answer."""
+  rows = reasoning_rows(prompts, rationales, answers, vocab, length,
+                        "answer", mask_answer_end)
+  return {"tokens": rows["tokens"], "answer_mask": rows["loss_mask"]}
+
+
+def reasoning_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
+                   rationales: Sequence[Sequence[int]],
+                   answers: Sequence[Sequence[int]] | np.ndarray,
+                   vocab,
+                   length: int | None = None,
+                   target: str = "reasoning",
+                   mask_answer_end: bool = False) -> dict[str, np.ndarray]:
   """Left-padded `[prompt] <think> z </think> <answer> SID </answer>` rows.
+
+  One row convention for ORFT scoring and CoT fine-tuning (Taiji's L_ORFT,
+  the loss on both the <think> and the <answer> part).
 
   Args:
     prompts: R prompts: token lists, or an (R, P) array left-padded with
@@ -63,15 +79,21 @@ def scoring_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
     vocab: anything with the special ids `pad_id`, `think_id`,
       `think_end_id`, `answer_id`, `answer_end_id` (a `text.vocab.Vocab`).
     length: row length T; default the longest row.
-    mask_answer_end: also score </answer>.
+    target: which tokens the mask covers: "answer" (the SID tokens, ORFT's
+      perplexity) or "reasoning" (everything after the prompt, <think>
+      through </answer>: the CoT SFT loss).
+    mask_answer_end: with "answer", also cover </answer>.
 
   Returns:
-    {"tokens": (R, T) int32, "answer_mask": (R, T) bool}.
+    {"tokens": (R, T) int32, "loss_mask": (R, T) bool}.
 
   Raises:
     ValueError: inputs of different counts, an empty answer, a rationale
       holding a think/answer marker, or a row longer than `length`.
   """
+  if target not in ("answer", "reasoning"):
+    raise ValueError(f"target must be 'answer' or 'reasoning', got "
+                     f"{target!r}.")
   if not len(prompts) == len(rationales) == len(answers):
     raise ValueError(f"prompts, rationales and answers differ in count: "
                      f"{len(prompts)}, {len(rationales)}, {len(answers)}.")
@@ -96,13 +118,17 @@ def scoring_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
         *prompt, vocab.think_id, *rationale, vocab.think_end_id, vocab.answer_id
     ]
     rows.append(head + answer + [vocab.answer_end_id])
-    masks.append([0] * len(head) + [1] * len(answer) + [int(mask_answer_end)])
+    if target == "answer":
+      masks.append([0] * len(head) + [1] * len(answer) +
+                   [int(mask_answer_end)])
+    else:
+      masks.append([0] * len(prompt) + [1] * (len(rows[-1]) - len(prompt)))
   if length is None:
     length = max((len(r) for r in rows), default=1)
   # The SFT rows' left padding, so both stay one convention.
   return {
       "tokens": sft_data.left_pad(rows, length, pad),
-      "answer_mask": sft_data.left_pad(masks, length, 0).astype(bool),
+      "loss_mask": sft_data.left_pad(masks, length, 0).astype(bool),
   }
 
 

@@ -33,15 +33,15 @@ else a fresh initialisation from `config.seed`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -49,9 +49,6 @@ import tqdm
 
 from taiji_jax import sharding
 from taiji_jax.evaluate import full_ranking
-from taiji_jax.evaluate import metrics as metrics_lib
-from taiji_jax.evaluate import semantic
-from taiji_jax.generate import recommend as recommend_lib
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.text import vocab as vocab_lib
@@ -61,6 +58,7 @@ from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft_data
+from taiji_jax.train import sft_eval
 from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
@@ -102,11 +100,13 @@ def vocab_texts(dataset) -> list[str]:
   return texts
 
 
-def build_vocab(config: ml_collections.ConfigDict, dataset,
+def build_vocab(config: ml_collections.ConfigDict,
+                dataset,
                 sids: sid_lib.SemanticIds,
-                workdir: os.PathLike | str) -> vocab_lib.Vocab:
+                workdir: os.PathLike | str,
+                extra_texts: Sequence[str] = ()) -> vocab_lib.Vocab:
   return vocab_lib.Vocab.build(
-      vocab_texts(dataset),
+      vocab_texts(dataset) + list(extra_texts),
       sids.codebook_sizes,
       vocab_size=config.vocab.size,
       model_type=config.vocab.model_type,
@@ -269,36 +269,9 @@ class Setup:
   mesh: Any
 
 
-def semantic_tables(config: ml_collections.ConfigDict, dataset):
-  """(label table or None, title ids or None) for the semantic metrics.
-
-  Labels come from the item feature `config.eval.label_field` ("" or a
-  dataset without it: none); titles from "title" when the dataset has it.
-  """
-  if dataset is None:
-    return None, None
-  labels = None
-  field = config.eval.label_field
-  if field:
-    labels, _ = semantic.label_table(dataset, field)
-  titles = None
-  if "title" in dataset.item_features:
-    titles = semantic.title_table(dataset)
-  return labels, titles
-
-
-def eval_beams(config: ml_collections.ConfigDict) -> int:
-  """Beams of the evaluation's beam search: `eval.num_beams`, >= max(ks).
-
-  The ranked list is the best max(ks) of the final beams; a wider beam
-  searches more prefixes (fewer good items pruned at the first level).
-  """
-  k = max(config.eval.ks)
-  beams = int(config.eval.num_beams) or k
-  if beams < k:
-    raise ValueError(f"config.eval.num_beams={beams} must be >= max(ks)={k} "
-                     "(or 0 for max(ks)).")
-  return beams
+# The evaluation's helpers, under their old names.
+semantic_tables = sft_eval.semantic_tables
+eval_beams = sft_eval.eval_beams
 
 
 def make_train_step(graphdef,
@@ -363,8 +336,9 @@ def build(config: ml_collections.ConfigDict,
           dataset=None) -> Setup:
   """Abstract init -> shardings -> sharded init and jitted steps.
 
-  With `dataset`, the evaluation also reports the semantic metrics of
-  `evaluate.semantic` (`semantic_tables`).
+  The evaluation step is `sft_eval.make_eval_step` (plain or
+  think-then-recommend, `config.eval.think`); with `dataset` it also reports
+  the semantic metrics of `evaluate.semantic`.
   """
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx = sasrec_trainer.make_optimizer(config, total_steps)
@@ -373,35 +347,7 @@ def build(config: ml_collections.ConfigDict,
   state, state_shardings = train_state.init_sharded(init_state, mesh, rules)
   train_step = make_train_step(graphdef, tx, pad_id, config.seed)
 
-  ks = tuple(sorted(config.eval.ks))
-  num_beams = eval_beams(config)
-  labels_vl, title_ids_v = semantic_tables(config, dataset)
-  trie, paths = sids.trie, sids.paths
-  offsets = tuple(int(o) for o in vocab.level_offsets)
-
-  def eval_step(params, batch):
-    decoded = recommend_lib.recommend(
-        nnx.merge(graphdef, params),
-        batch["histories"],  # the prompts (see `_eval_split`)
-        trie,
-        offsets,
-        num_beams,
-        pad_id=pad_id,
-        exclude_bh=batch["seen_items"],
-        paths=paths)
-    items_bk = decoded.items[:, :max(ks)]
-    out = metrics_lib.ranking_metrics(items_bk, batch["targets"], ks)
-    seen_bks = items_bk[:, :, None] == batch["seen_items"][:, None, :]
-    legal_bk = (items_bk > 0) & ~jnp.any(
-        seen_bks & (batch["seen_items"][:, None, :] > 0), axis=-1)
-    out["legal_items"] = jnp.all(legal_bk, axis=1).astype(jnp.float32)
-    if labels_vl is not None:
-      out.update(semantic.label_metrics(items_bk, batch["targets"], labels_vl))
-    if title_ids_v is not None:
-      out.update(
-          semantic.title_hits(items_bk, batch["targets"], title_ids_v, ks))
-    return out
-
+  eval_step = sft_eval.make_eval_step(config, graphdef, sids, vocab, dataset)
   jit_train = jit_train_step(train_step, state_shardings, mesh)
   return Setup(graphdef, state, state_shardings, jit_train, jax.jit(eval_step),
                train_state.params_copier(state_shardings),
@@ -433,22 +379,130 @@ def _eval_split(part: dict[str, np.ndarray],
   return dict(part, histories=prompts)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: os.PathLike | str) -> dict[str, Any]:
-  """Fine-tunes the decoder with early stopping on valid; results.json."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  workdir_lib.write_or_check_config(workdir, config)
+@dataclasses.dataclass
+class Data:
+  """What every SFT run of a dataset reads: built once, shared by variants.
+
+  Attributes:
+    dataset, split: the dataset and its leave-one-out split (max_items).
+    sids: the sids stage's `SemanticIds`.
+    vocab: the text + SID vocabulary.
+    item_tokens: (num_items + 1, L) SID token ids of every item.
+    prefixes: {user: prompt prefix tokens} (`sft_data.user_prefixes`).
+    titles: history title tokens or None (`history_titles`).
+  """
+  dataset: Any
+  split: dict
+  sids: sid_lib.SemanticIds
+  vocab: vocab_lib.Vocab
+  item_tokens: np.ndarray
+  prefixes: dict
+  titles: list | None
+
+
+def prepare(config: ml_collections.ConfigDict,
+            workdir: os.PathLike | str,
+            extra_vocab_texts: Callable[[Any], Sequence[str]] | None = None
+           ) -> Data:
+  """Loads the data and SIDs and builds the vocabulary into `workdir`.
+
+  `extra_vocab_texts(dataset)` adds texts to the vocabulary's training
+  corpus (e.g. teacher rationales, so reasoning text is not spelt out in
+  byte pieces).
+  """
   dataset = build_sids.load_dataset(config)
   split = dataset.split_leave_one_out(config.max_items)
   sids = load_sids(config, workdir, dataset)
-  vocab = build_vocab(config, dataset, sids, workdir)
-  item_tokens = vocab.item_token_table(sids)
+  extra = list(extra_vocab_texts(dataset)) if extra_vocab_texts else []
+  vocab = build_vocab(config, dataset, sids, workdir, extra)
   users = np.arange(1, dataset.num_users + 1)
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
-  titles = history_titles(config, dataset, vocab)
-  rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes,
-                       titles)
+  return Data(dataset, split, sids, vocab, vocab.item_token_table(sids),
+              sft_data.user_prefixes(dataset, vocab, users, config.max_prefix),
+              history_titles(config, dataset, vocab))
+
+
+def restore_best_params(source: os.PathLike | str, setup: Setup,
+                        config: ml_collections.ConfigDict) -> Any:
+  """The best-valid parameters of the SFT run in `source`, on this mesh.
+
+  Raises:
+    FileNotFoundError: `source` holds no finished SFT checkpoint.
+    ValueError: its model or vocabulary settings differ from `config`'s
+      (names the differing fields).
+  """
+  source = pathlib.Path(source)
+  src_config = workdir_lib.read_config(source)
+  here = json.loads(config.to_json_best_effort())
+  for key in ("model", "vocab", "max_prefix", "max_items"):
+    if src_config.get(key) != here.get(key):
+      raise ValueError(f"init_from {source}: its {key!r} differs from this "
+                       f"run's: {src_config.get(key)} vs "
+                       f"{here.get(key)}.")
+  ckpt = checkpointing.Checkpoints(source / "checkpoints")
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"init_from {source}: no checkpoint in "
+                              f"{source / 'checkpoints'}; train it first.")
+    abstract = checkpointing.abstract_like(
+        {
+            "state": setup.state,
+            "best_params": setup.state["params"]
+        }, {
+            "state": setup.state_shardings,
+            "best_params": setup.state_shardings["params"]
+        })
+    restored, _ = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  return restored["best_params"]
+
+
+def load_decoder(workdir: os.PathLike | str, data: Data):
+  """(decoder with the best-valid parameters, Setup) of a finished SFT run.
+
+  The run's own config.json says the model; `data` must be prepared with
+  the same vocabulary (checked through the parameter shapes on restore).
+  """
+  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  model_cfg = model_config(config, data.vocab.size)
+  # Any positive schedule length: only the state structure matters here.
+  setup = build(config, model_cfg, config.train.warmup_steps + 2, mesh,
+                data.sids, data.vocab)
+  params = restore_best_params(workdir, setup, config)
+  return nnx.merge(setup.graphdef, params), setup
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: os.PathLike | str,
+                       *,
+                       data: Data | None = None,
+                       rows: dict[str, np.ndarray] | None = None,
+                       extra_results: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+  """Fine-tunes the decoder with early stopping on valid; results.json.
+
+  Args:
+    config: an SFT config (`configs/ml100k_sft.py`).
+    workdir: the run's directory (resumes from its checkpoints).
+    data: `prepare(config, ...)` output to reuse (default: prepared here).
+    rows: the training rows {"tokens", "loss_mask"} (default:
+      `training_rows`, the packed next-item rows + alignment rows).
+    extra_results: added to results.json (e.g. how the rows were made).
+
+  With `config.init_from` a fresh run starts from the best parameters of
+  that SFT workdir (a new optimizer state); resuming ignores it.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_or_check_config(workdir, config)
+  if data is None:
+    data = prepare(config, workdir)
+  dataset, split, sids, vocab = data.dataset, data.split, data.sids, data.vocab
+  item_tokens, prefixes, titles = data.item_tokens, data.prefixes, data.titles
+  if rows is None:
+    rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes,
+                         titles)
   logging.info("dataset %s: %s; %d training rows of %d tokens, vocab %d",
                dataset.name, dataset.statistics(), len(rows["tokens"]),
                rows["tokens"].shape[1], vocab.size)
@@ -465,9 +519,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                decoder_lib.count_params(model_cfg))
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
 
-  state, best_params, meta, _ = checkpointing.resume_training(
+  state, best_params, meta, resumed = checkpointing.resume_training(
       ckpt, setup.state, setup.copy_params(setup.state["params"]),
       setup.state_shardings)
+  if not resumed and config.init_from:
+    state["params"] = restore_best_params(config.init_from, setup, config)
+    best_params = setup.copy_params(state["params"])
+    logging.info("initialised from the best parameters of %s",
+                 config.init_from)
   step = int(state["step"])
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   eval_parts = {
@@ -512,6 +571,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           lambda: evaluate(state["params"], "valid"))
       if improved:
         best_params = setup.copy_params(state["params"])
+        # The best parameters' valid metrics, so they are not recomputed.
+        meta["best_valid"] = {
+            k[len("valid/"):]: v
+            for k, v in record.items()
+            if k.startswith("valid/") and k != "valid/seconds"
+        }
       writer.write(step, record)
       progress.set_postfix(
           loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
@@ -519,7 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         ckpt.save(step, {"state": state, "best_params": best_params}, meta)
     progress.close()
     results = {
-        "valid": evaluate(best_params, "valid"),
+        "valid": meta.get("best_valid") or evaluate(best_params, "valid"),
         "test": evaluate(best_params, "test"),
         "best_epoch": meta["best_epoch"],
         "epochs_run": meta["epoch"],
@@ -536,6 +601,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "vocab_size": int(vocab.size),
         "num_params": int(decoder_lib.count_params(model_cfg)),
         "sids": str(sids_dir(config, workdir)),
+        "init_from": str(config.init_from),
+        **(extra_results or {}),
     }
   ckpt.close()
   if jax.process_index() == 0:

@@ -42,3 +42,16 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
       out.update(_flat(value, f"{prefix}{key}."))
     return out
   return {prefix[:-1]: tree}
+
+
+def read_config(workdir: os.PathLike | str) -> dict[str, Any]:
+  """The config a run saved in `<workdir>/config.json`, as a dict.
+
+  Raises:
+    FileNotFoundError: the workdir holds no config.json (names it).
+  """
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not the "
+                            "workdir of a run.")
+  return json.loads(path.read_text())

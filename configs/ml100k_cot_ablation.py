@@ -1,0 +1,69 @@
+r"""The reasoning ablation on MovieLens-100k (issue 5): no CoT / direct / RUPR / RUPR + ORFT.
+
+Launch (from the repository root, after `make run` has built the semantic
+IDs in `runs/ml100k/sids`, or with `--config.sft.sids_workdir`):
+
+  .venv/bin/python experiments/cot_ablation.py \
+      --config configs/ml100k_cot_ablation.py --workdir runs/ml100k_cot
+
+For each seed: SFT on the packed next-item rows (the base), then four
+fine-tunes of it on each user's last `cot.per_user` training targets with k
+candidate rationales each, in `[prompt] <think> z </think> <answer> SID
+</answer>` form with the loss on both parts — z empty (no CoT), from the
+direct teacher (target not shown), from the RUPR teacher (target shown),
+and RUPR kept by ORFT (answer perplexity below its median) — all evaluated
+by the same think-then-recommend decoding. `taiji_jax/cot/ablation.py`
+describes the workdir; the README has the measured table and its runtime.
+
+Variants: `:smoke` (synthetic data, tiny decoder, one seed, about a
+minute); `:seeds=1` (the first seed only). Any field can be overridden,
+e.g. `--config.cot.orft.scorer=base --config.cot.k=4`.
+"""
+
+import pathlib
+
+import ml_collections
+
+from taiji_jax import config_lib
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, smoke=False, seeds=3)
+  c = ml_collections.ConfigDict()
+  c.seeds = tuple(range(arg.seeds))
+  c.sft = config_lib.load_config_file(_HERE / "ml100k_sft.py",
+                                      "smoke" if arg.smoke else None)
+  c.sft.unlock()
+  c.sft.sids_workdir = "runs/ml100k/sids"
+  c.sft.progress_bar = False
+  # The base: packed SFT, evaluated every other epoch.
+  c.sft.train.num_epochs = 4
+  c.sft.eval.every_epochs = 2
+  c.sft.train.patience = 2
+
+  c.cot = ml_collections.ConfigDict()
+  c.cot.variants = ("no_cot", "direct", "rupr", "rupr_orft")
+  c.cot.per_user = 2  # CoT examples: each user's last training targets
+  c.cot.k = 3  # candidate rationales per example (Taiji: 3)
+  c.cot.max_think = 64  # rationale budget in tokens (training and decoding)
+  c.cot.vocab_examples = 300  # examples whose rationales join the vocab corpus
+  c.cot.epochs = 1  # fine-tune epochs over each variant's rows
+  c.cot.lr = 1e-3
+  c.cot.warmup_steps = 10
+  c.cot.orft = ml_collections.ConfigDict()
+  c.cot.orft.scorer = "rupr"  # or "base": the model that scores candidates
+  c.cot.orft.quantile = 0.5  # R = this quantile of the PPLs (Taiji: median)
+  c.cot.orft.batch_size = 64
+
+  if arg.smoke:
+    c.seeds = (0,)
+    c.sft.sids_workdir = "runs/smoke/sids"  # make run CONFIG=configs/ml100k.py:smoke WORKDIR=runs/smoke
+    c.sft.train.num_epochs = 2
+    c.sft.eval.every_epochs = 1
+    c.cot.k = 2
+    c.cot.max_think = 24
+    c.cot.vocab_examples = 40
+    c.cot.orft.batch_size = 16
+  return c.lock()

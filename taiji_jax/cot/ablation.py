@@ -1,0 +1,309 @@
+"""The reasoning ablation: SFT without CoT, direct CoT, RUPR CoT, RUPR + ORFT.
+
+`run(config, workdir)` (`configs/ml100k_cot_ablation.py`,
+`experiments/cot_ablation.py`) does, for every seed, into
+`<workdir>/seed_<s>/`:
+
+  base/       SFT on the packed next-item rows (`train.sft`), the vocabulary
+              trained with sample rationales in its corpus; ranked by the
+              plain beam (reported as the reference row);
+  data/       the CoT examples (each user's last `cot.per_user` training
+              targets) and k candidate rationales per example from the
+              direct and the RUPR teacher (`candidates_<teacher>.json`);
+  no_cot/     base fine-tuned on `[prompt] <think></think><answer>SID</answer>`
+              rows (k copies per example, so as many steps as RUPR);
+  direct/     ... on the direct teacher's rationales (no target seen);
+  rupr/       ... on the RUPR teacher's rationales (target seen);
+  orft/       ORFT: every RUPR candidate scored by the perplexity of the
+              answer SID under `cot.orft.scorer` ("rupr": the rupr/ model,
+              which has learned to read rationales; "base": base/),
+              R = the `cot.orft.quantile` of those PPLs, kept if PPL < R
+              (`orft_stats.json`, `orft_scores.npz`, `orft_ppl_hist.png`);
+  rupr_orft/  base fine-tuned on the kept RUPR rows only.
+
+Every fine-tune starts from base/'s best parameters with the same
+optimizer settings, and every variant is evaluated with the same
+think-then-recommend decoding (greedy rationale of at most `cot.max_think`
+tokens, then the trie-constrained beam), so the rows differ only in the
+training rationales. `<workdir>/results.json` holds each variant's
+per-seed test metrics and their mean and sample standard deviation;
+`<workdir>/table.md` the README table. A sub-run with a results.json is
+reused, so re-running the command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from taiji_jax import config_lib
+from taiji_jax import sharding
+from taiji_jax.cot import data as cot_data
+from taiji_jax.cot import orft
+from taiji_jax.cot import teachers
+from taiji_jax.train import metric_writer
+from taiji_jax.train import sft
+from taiji_jax.train import sft_data
+from taiji_jax.train import workdir as workdir_lib
+
+VARIANTS = ("no_cot", "direct", "rupr", "rupr_orft")
+SCORERS = ("rupr", "base")
+# Columns of the table: (results key, header).
+TABLE_METRICS = (
+    ("recall@10", "Recall@10"),
+    ("ndcg@10", "NDCG@10"),
+    ("label_acc@1", "genre acc@1"),
+    ("title_hit@10", "title hit@10"),
+    ("think/closed", "think closed"),
+    ("format/compliant", "format compliant"),
+)
+
+
+def item_embeddings(sids_dir: pathlib.Path, dataset) -> np.ndarray | None:
+  """(num_items + 1, D) text-encoder item vectors of the sids stage, or None.
+
+  The RUPR teacher's content neighbours; without the sids stage's
+  `embeddings/content.npz` it states no neighbour facts.
+  """
+  path = pathlib.Path(sids_dir) / "embeddings" / "content.npz"
+  if not path.is_file():
+    logging.warning("%s missing: the teacher states no content neighbours",
+                    path)
+    return None
+  with np.load(path, allow_pickle=False) as f:
+    x = f["x"]
+  if x.shape[0] != dataset.num_items:
+    raise ValueError(f"{path}: {x.shape[0]} item vectors for "
+                     f"{dataset.num_items} items; rebuild the sids stage.")
+  return np.concatenate([np.zeros((1, x.shape[1]), x.dtype), x])
+
+
+def _finished(workdir: pathlib.Path) -> dict[str, Any] | None:
+  path = workdir / "results.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fit(config, workdir, data, rows=None, extra=None) -> dict[str, Any]:
+  done = _finished(workdir)
+  if done is not None:
+    workdir_lib.write_or_check_config(workdir, config)
+    logging.info("%s: finished before, reusing its results", workdir)
+    return done
+  return sft.train_and_evaluate(
+      config, workdir, data=data, rows=rows, extra_results=extra)
+
+
+def _candidates(teacher, examples, k, seed, path: pathlib.Path):
+  """Cached `cot_data.candidate_rationales` (JSON in the seed's data/)."""
+  if path.is_file():
+    cached = json.loads(path.read_text())
+    if cached["num_examples"] == len(examples["targets"]) and cached["k"] == k:
+      return {"example": np.asarray(cached["example"]), "texts": cached["texts"]}
+  out = cot_data.candidate_rationales(teacher, examples, k, seed)
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(
+        path, {
+            "num_examples": len(examples["targets"]),
+            "k": k,
+            "example": out["example"].tolist(),
+            "texts": out["texts"],
+        })
+  return out
+
+
+def fine_tune_config(config: ml_collections.ConfigDict, seed: int,
+                     base_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The SFT config of a CoT fine-tune from base/ (module docstring)."""
+  cot = config.cot
+  return config_lib.with_overrides(
+      config.sft, **{
+          "seed": seed,
+          "init_from": str(base_dir),
+          "train.num_epochs": cot.epochs,
+          "train.lr": cot.lr,
+          "train.warmup_steps": cot.warmup_steps,
+          "eval.every_epochs": 1,
+          "eval.think": True,
+          "eval.max_think": cot.max_think,
+      })
+
+
+def orft_filter(config, root: pathlib.Path, data, examples, candidates,
+                prompts, length) -> tuple[np.ndarray, dict[str, Any]]:
+  """ORFT on the RUPR candidates: (accepted mask, stats); cached."""
+  out = root / "orft"
+  scorer = config.cot.orft.scorer
+  if scorer not in SCORERS:
+    raise ValueError(f"cot.orft.scorer must be one of {SCORERS}, got "
+                     f"{scorer!r}.")
+  scores = out / orft.SCORES_FILE
+  if scores.is_file() and (out / orft.STATS_FILE).is_file():
+    with np.load(scores) as f:
+      if len(f["ppl"]) == len(candidates["texts"]):
+        return f["accepted"], json.loads((out / orft.STATS_FILE).read_text())
+  rows = cot_data.rows_for(examples, candidates["example"],
+                           candidates["texts"], prompts, data.item_tokens,
+                           data.vocab, config.cot.max_think, "answer", length)
+  model, setup = sft.load_decoder(root / scorer, data)
+  with sharding.use_mesh(setup.mesh,
+                         tuple(tuple(r) for r in config.sft.sharding_rules)):
+    ppl = orft.answer_perplexity(
+        model,
+        rows["tokens"],
+        rows["loss_mask"],
+        data.vocab.pad_id,
+        config.cot.orft.batch_size,
+        put=setup.put_batch)
+  r = orft.threshold(ppl, config.cot.orft.quantile)
+  accepted = orft.accept(ppl, r)
+  stats = orft.write_report(out, ppl, accepted, candidates["example"], r)
+  stats["scorer"] = scorer
+  stats["quantile"] = float(config.cot.orft.quantile)
+  metric_writer.write_json_atomic(out / orft.STATS_FILE, stats)
+  return accepted, stats
+
+
+def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
+             seed: int) -> dict[str, Any]:
+  """Base, data, the four variants and ORFT of one seed (module docstring)."""
+  cot = config.cot
+  base_config = config_lib.with_overrides(config.sft, seed=seed)
+  base_dir = root / "base"
+  base_dir.mkdir(parents=True, exist_ok=True)
+  sids_dir = sft.sids_dir(base_config, base_dir)
+
+  def vocab_texts(dataset):
+    split = dataset.split_leave_one_out(base_config.max_items)
+    return cot_data.vocabulary_texts(dataset,
+                                     item_embeddings(sids_dir, dataset),
+                                     split, cot.vocab_examples, 2, seed)
+
+  data = sft.prepare(base_config, base_dir, vocab_texts)
+  out = {"base": _fit(base_config, base_dir, data)}
+
+  examples = cot_data.next_item_examples(data.split, cot.per_user,
+                                         base_config.max_items)
+  prompts = sft_data.prompt_rows(examples["histories"], examples["users"],
+                                 data.item_tokens, data.prefixes,
+                                 base_config.max_items, base_config.max_prefix,
+                                 data.vocab.pad_id)
+  length = prompts.shape[1] + cot.max_think + 4 + data.item_tokens.shape[1]
+  emb = item_embeddings(sids_dir, data.dataset)
+  cands = {
+      "direct":
+          _candidates(
+              teachers.AttributeTeacher(data.dataset, emb, direct=True),
+              examples, cot.k, seed, root / "data" / "candidates_direct.json"),
+      "rupr":
+          _candidates(
+              teachers.AttributeTeacher(data.dataset, emb, direct=False),
+              examples, cot.k, seed, root / "data" / "candidates_rupr.json"),
+  }
+  n = len(examples["targets"])
+  cands["no_cot"] = {"example": np.repeat(np.arange(n), cot.k),
+                     "texts": [""] * (n * cot.k)}
+  tune = fine_tune_config(config, seed, base_dir)
+  orft_stats = None
+  for variant in cot.variants:
+    if variant not in VARIANTS:
+      raise ValueError(f"unknown variant {variant!r}; known {VARIANTS}.")
+    c = cands["rupr" if variant == "rupr_orft" else variant]
+    example_ids, texts = c["example"], c["texts"]
+    if variant == "rupr_orft":
+      accepted, orft_stats = orft_filter(config, root, data, examples,
+                                         cands["rupr"], prompts, length)
+      example_ids = example_ids[accepted]
+      texts = [t for t, a in zip(texts, accepted) if a]
+    rows = cot_data.rows_for(examples, example_ids, texts, prompts,
+                             data.item_tokens, data.vocab, cot.max_think,
+                             "reasoning", length)
+    rationale_tokens = rows["loss_mask"].sum(1) - 4 - data.item_tokens.shape[1]
+    extra = {
+        "variant": variant,
+        "cot_examples": n,
+        "cot_rows": int(len(example_ids)),
+        "mean_rationale_tokens": float(np.mean(rationale_tokens)),
+    }
+    if variant == "rupr_orft":
+      extra["orft"] = orft_stats
+    out[variant] = _fit(tune, root / variant, data, rows, extra)
+  return out
+
+
+def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
+  """{variant: {metric: {"mean", "std", "values"}}} over seeds (test split).
+
+  `std` is the sample standard deviation (ddof = 1; 0 for one seed).
+  """
+  out = {}
+  variants = next(iter(per_seed.values())).keys()
+  for variant in variants:
+    rows = [per_seed[s][variant] for s in per_seed]
+    names = sorted(set.intersection(*(set(r["test"]) for r in rows)))
+    entry = {}
+    for name in names:
+      values = [float(r["test"][name]) for r in rows]
+      entry[name] = {
+          "mean": float(np.mean(values)),
+          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+          "values": values,
+      }
+    entry["train_rows"] = [r.get("cot_rows", r.get("train_rows")) for r in rows]
+    entry["steps"] = [r.get("steps") for r in rows]
+    out[variant] = entry
+  return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """The markdown table of `summarize` (mean ± std over the seeds)."""
+  names = {"base": "packed SFT only (plain beam, no think)",
+           "no_cot": "SFT without CoT (`<think></think>`)",
+           "direct": "direct-distilled CoT",
+           "rupr": "RUPR CoT",
+           "rupr_orft": "RUPR + ORFT"}
+  header = "| model | " + " | ".join(h for _, h in TABLE_METRICS) + " |"
+  lines = [header, "|" + " --- |" * (len(TABLE_METRICS) + 1)]
+  for variant, entry in summary.items():
+    cells = []
+    for key, _ in TABLE_METRICS:
+      m = entry.get(key)
+      cells.append("-" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}")
+    lines.append(f"| {names.get(variant, variant)} | " + " | ".join(cells) +
+                 " |")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict,
+        workdir: os.PathLike | str) -> dict[str, Any]:
+  """Every seed, then results.json and table.md (module docstring)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_or_check_config(workdir, config)
+  per_seed = {
+      int(s): run_seed(config, workdir / f"seed_{s}", int(s))
+      for s in config.seeds
+  }
+  summary = summarize(per_seed)
+  orft_runs = {
+      s: r["rupr_orft"].get("orft") for s, r in per_seed.items()
+      if "rupr_orft" in r
+  }
+  results = {
+      "summary": summary,
+      "orft": orft_runs,
+      "per_seed": {str(s): r for s, r in per_seed.items()},
+      "seeds": [int(s) for s in config.seeds],
+  }
+  table = format_table(summary)
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(workdir / "results.json", results)
+    (workdir / "table.md").write_text(table + "\n")
+  print(table)
+  return results

@@ -1,0 +1,178 @@
+"""A decoder LM as the rationale teacher (RUPR, or direct without the target).
+
+Any decoder of this codebase — an SFT checkpoint or a Hugging Face model
+imported with `models.hf_import` and given SID tokens by `extend_vocab` — is
+prompted with the user's profile and history in the SFT prompt format and,
+for RUPR, the item they chose next:
+
+  <bos>User: <profile>. History: <SIDs...> Next: <a_.><b_.>.. <title>.<think>
+
+and samples k continuations up to </think> (at most `max_new_tokens`,
+text pieces only, so no SID or marker token can appear in a rationale).
+The direct-distillation baseline (`direct=True`) drops the " Next: ..."
+part, so nothing it writes can depend on the target.
+
+Generation is one jitted program per batch shape: prefill + a `lax.scan` of
+sampling steps with the decoder's KV cache (`generate.think.generate_until`).
+Texts are deterministic given the arguments, the seed and `batch_size`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from taiji_jax.cot import teachers as teachers_lib
+from taiji_jax.generate import think as think_lib
+from taiji_jax.train import sft_data
+
+TARGET_TEMPLATE = " Next:"
+
+
+@functools.partial(
+    nnx.jit, static_argnames=("think_id", "stop_id", "max_new", "pad_id"))
+def _sample(decoder, prompts_bt, allowed_v, key, temperature, *, think_id,
+            stop_id, max_new, pad_id):
+  b, t = prompts_bt.shape
+  tokens_bt = jnp.concatenate(
+      [prompts_bt, jnp.full((b, 1), think_id, prompts_bt.dtype)], 1)
+  cache = decoder.init_cache(b, t + 1 + max_new)
+  logits_btv, cache = decoder.decode_step(
+      tokens_bt, cache, attention_mask_bt=tokens_bt != pad_id)
+  thought, _, _ = think_lib.generate_until(
+      decoder,
+      logits_btv[:, -1],
+      cache,
+      stop_id,
+      max_new,
+      allowed_v=allowed_v,
+      key=key,
+      temperature=temperature,
+      pad_id=pad_id)
+  return thought
+
+
+class LMTeacher(teachers_lib.Teacher):
+  """Samples rationales from a decoder; see the module docstring.
+
+  Args:
+    decoder: a `models.decoder.Decoder` over `vocab`.
+    vocab: the `text.Vocab` with the SID tokens of `item_tokens`.
+    dataset: the `Dataset` (user profiles, item titles).
+    item_tokens: (num_items + 1, L) SID token ids (`vocab.item_token_table`).
+    max_items: history items in the prompt (the most recent).
+    max_prefix: prompt prefix budget (`sft_data.user_prefixes`).
+    max_new_tokens: rationale budget.
+    temperature: sampling temperature (> 0).
+    direct: the target-blind baseline.
+    batch_size: prompts x k rows generated at once.
+  """
+
+  def __init__(self,
+               decoder,
+               vocab,
+               dataset,
+               item_tokens: np.ndarray,
+               *,
+               max_items: int,
+               max_prefix: int,
+               max_new_tokens: int = 64,
+               temperature: float = 1.0,
+               direct: bool = False,
+               batch_size: int = 32):
+    if not temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if max_new_tokens < 1 or batch_size < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size="
+                       f"{batch_size} must be >= 1.")
+    if decoder.cfg.vocab_size != vocab.size:
+      raise ValueError(f"decoder vocab_size {decoder.cfg.vocab_size} != "
+                       f"vocab.size {vocab.size}: not the decoder of this "
+                       "vocabulary.")
+    self.decoder, self.vocab, self.dataset = decoder, vocab, dataset
+    self.item_tokens = np.asarray(item_tokens)
+    self.max_items, self.max_prefix = max_items, max_prefix
+    self.max_new_tokens = max_new_tokens
+    self.temperature = float(temperature)
+    self.direct = bool(direct)
+    self.batch_size = batch_size
+    users = np.arange(1, dataset.num_users + 1)
+    self._prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix)
+    self._allowed = jnp.asarray(
+        think_lib.think_token_mask(vocab.size, vocab.text_offset,
+                                   vocab.think_end_id))
+    titles = dataset.item_features.get("title")
+    self._titles = titles
+
+  def prompts(self, users: Sequence[int], histories: np.ndarray,
+              targets: Sequence[int] | None) -> np.ndarray:
+    """(N, P) left-padded teacher prompts (without the final <think>)."""
+    base = sft_data.prompt_rows(
+        np.asarray(histories), np.asarray(users), self.item_tokens,
+        self._prefixes, self.max_items, self.max_prefix, self.vocab.pad_id)
+    if self.direct:
+      return base
+    rows = []
+    for row, target in zip(base, targets):
+      target = int(target)
+      if not 1 <= target <= self.dataset.num_items:
+        raise ValueError(f"target item {target} out of range "
+                         f"[1, {self.dataset.num_items}].")
+      title = self._titles[target] if self._titles is not None else None
+      tail = (self.vocab.encode(TARGET_TEMPLATE) +
+              self.item_tokens[target].tolist() +
+              (self.vocab.encode(f" {title}.") if title else []))
+      rows.append(row[row != self.vocab.pad_id].tolist() + tail)
+    length = max(len(r) for r in rows)
+    return sft_data.left_pad(rows, length, self.vocab.pad_id)
+
+  def rationales_batch(self, users: Sequence[int], histories: np.ndarray,
+                       targets: Sequence[int] | None, k: int,
+                       seed: int) -> list[str]:
+    """k rationales for each (user, history, target), example-major."""
+    if k < 1 or seed < 0:
+      raise ValueError(f"k={k} must be >= 1 and seed={seed} >= 0.")
+    histories = np.asarray(histories)
+    if histories.ndim == 1:
+      histories = histories[None]
+    if not self.direct and targets is None:
+      raise ValueError("a RUPR teacher needs the targets (direct=True for "
+                       "the target-blind baseline).")
+    prompts = np.repeat(self.prompts(users, histories, targets), k, axis=0)
+    n = len(prompts)
+    texts = []
+    v = self.vocab
+    for start in range(0, n, self.batch_size):
+      idx = np.arange(start, start + self.batch_size)
+      idx = np.where(idx < n, idx, 0)  # a full last batch: one compilation
+      key = jax.random.fold_in(jax.random.key(seed), start)
+      thought = _sample(
+          self.decoder,
+          jnp.asarray(prompts[idx]),
+          self._allowed,
+          key,
+          self.temperature,
+          think_id=v.think_id,
+          stop_id=v.think_end_id,
+          max_new=self.max_new_tokens,
+          pad_id=v.pad_id)
+      tokens = np.asarray(thought.tokens)
+      lengths = np.asarray(thought.length)
+      for j in range(min(self.batch_size, n - start)):
+        texts.append(v.decode(tokens[j, :lengths[j]].tolist()).strip())
+    return texts
+
+  def rationales(self, user: int, history_items: Sequence[int],
+                 target_item: int | None, k: int, seed: int) -> list[str]:
+    hist = np.asarray(history_items, np.int64)
+    hist = hist[hist != 0][-self.max_items:]
+    row = np.zeros((1, max(self.max_items, 1)), np.int64)
+    if hist.size:
+      row[0, -hist.size:] = hist
+    return self.rationales_batch([user], row, None if self.direct else
+                                 [target_item], k, seed)
