@@ -45,12 +45,17 @@ def get_config(arg=None):
 
   c.cot = ml_collections.ConfigDict()
   c.cot.variants = ("no_cot", "direct", "rupr", "rupr_orft")
-  c.cot.per_user = 2  # CoT examples: each user's last training targets
+  c.cot.per_user = 1  # CoT examples: each user's last training targets
   c.cot.k = 3  # candidate rationales per example (Taiji: 3)
   c.cot.max_think = 64  # rationale budget in tokens (training and decoding)
-  c.cot.vocab_examples = 300  # examples whose rationales join the vocab corpus
+  # Examples whose rationales join the vocabulary's corpus (0: none, so the
+  # base is exactly configs/ml100k_sft.py's model and vocabulary).
+  c.cot.vocab_examples = 0
   c.cot.epochs = 1  # fine-tune epochs over each variant's rows
-  c.cot.lr = 1e-3
+  # Copies of the base's training rows mixed into every fine-tune (0: the
+  # CoT rows alone, which forgets: README, "Reasoning").
+  c.cot.replay = 1
+  c.cot.lr = 5e-4
   c.cot.warmup_steps = 10
   c.cot.orft = ml_collections.ConfigDict()
   c.cot.orft.scorer = "rupr"  # or "base": the model that scores candidates
@@ -65,5 +70,6 @@ def get_config(arg=None):
     c.cot.k = 2
     c.cot.max_think = 24
     c.cot.vocab_examples = 40
+    c.cot.per_user = 2
     c.cot.orft.batch_size = 16
   return c.lock()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from taiji_jax.data import load_dataset
-from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.testing import sids as testing_sids
 from taiji_jax.text import vocab as vocab_lib
 from taiji_jax.train import sft_data
 
@@ -14,11 +14,7 @@ SIZES = (8, 8, 6)
 @pytest.fixture(scope="module")
 def setup():
   dataset = load_dataset("synthetic", num_users=30, num_items=40, seed=1)
-  rng = np.random.default_rng(0)
-  flat = rng.choice(np.prod(SIZES), dataset.num_items, replace=False)
-  codes = np.stack(np.unravel_index(flat, SIZES), 1)
-  sids = sid_lib.SemanticIds(
-      np.concatenate([np.full((1, 3), -1), codes]), SIZES)
+  sids = testing_sids.random_semantic_ids(dataset.num_items, SIZES)
   texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
   texts += [dataset.user_text(u) for u in range(1, dataset.num_users + 1)]
   vocab = vocab_lib.Vocab.build(texts, SIZES, vocab_size=400)

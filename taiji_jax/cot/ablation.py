@@ -18,11 +18,18 @@
               answer SID under `cot.orft.scorer` ("rupr": the rupr/ model,
               which has learned to read rationales; "base": base/),
               R = the `cot.orft.quantile` of those PPLs, kept if PPL < R
-              (`orft_stats.json`, `orft_scores.npz`, `orft_ppl_hist.png`);
+              (`orft_stats.json`, `orft_scores.npz`, `orft_ppl_hist.png`,
+              and the kept set as `accepted.jsonl`: user, target,
+              rationale, PPL per line);
   rupr_orft/  base fine-tuned on the kept RUPR rows only.
 
+Each variant's directory also gets `samples.json`: what the model thinks
+and recommends for the first test users (`sample_thoughts`).
+
 Every fine-tune starts from base/'s best parameters with the same
-optimizer settings, and every variant is evaluated with the same
+optimizer settings and mixes `cot.replay` copies of base/'s own training rows
+(packed next-item + alignment rows) into its CoT rows, so the SID task is
+not forgotten, and every variant is evaluated with the same
 think-then-recommend decoding (greedy rationale of at most `cot.max_think`
 tokens, then the trie-constrained beam), so the rows differ only in the
 training rationales. `<workdir>/results.json` holds each variant's
@@ -55,6 +62,8 @@ from taiji_jax.train import workdir as workdir_lib
 
 VARIANTS = ("no_cot", "direct", "rupr", "rupr_orft")
 SCORERS = ("rupr", "base")
+ACCEPTED_FILE = "accepted.jsonl"
+SAMPLES_FILE = "samples.json"
 # Columns of the table: (results key, header).
 TABLE_METRICS = (
     ("recall@10", "Recall@10"),
@@ -164,10 +173,29 @@ def orft_filter(config, root: pathlib.Path, data, examples, candidates,
   r = orft.threshold(ppl, config.cot.orft.quantile)
   accepted = orft.accept(ppl, r)
   stats = orft.write_report(out, ppl, accepted, candidates["example"], r)
+  if jax.process_index() == 0:
+    _write_accepted(out / ACCEPTED_FILE, examples, candidates, ppl, accepted)
   stats["scorer"] = scorer
   stats["quantile"] = float(config.cot.orft.quantile)
   metric_writer.write_json_atomic(out / orft.STATS_FILE, stats)
   return accepted, stats
+
+
+def _write_accepted(path: pathlib.Path, examples, candidates, ppl,
+                    accepted) -> None:
+  """The kept candidates, one JSON line each: user, target, rationale, ppl."""
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("w") as f:
+    for j in np.flatnonzero(accepted):
+      e = int(candidates["example"][j])
+      f.write(
+          json.dumps({
+              "user": int(examples["users"][e]),
+              "target": int(examples["targets"][e]),
+              "rationale": candidates["texts"][j],
+              "ppl": float(ppl[j]),
+          }) + "\n")
+  os.replace(tmp, path)
 
 
 def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
@@ -210,6 +238,13 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   cands["no_cot"] = {"example": np.repeat(np.arange(n), cot.k),
                      "texts": [""] * (n * cot.k)}
   tune = fine_tune_config(config, seed, base_dir)
+  # The base's own rows, mixed into every fine-tune (cot.replay copies).
+  packed = sft.training_rows(base_config, data.dataset, data.split, data.vocab,
+                             data.item_tokens, data.prefixes, data.titles)
+  replay = {
+      key: np.concatenate([packed[key]] * cot.replay)
+      if cot.replay > 0 else packed[key][:0] for key in ("tokens", "loss_mask")
+  }
   orft_stats = None
   for variant in cot.variants:
     if variant not in VARIANTS:
@@ -230,11 +265,91 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
         "cot_examples": n,
         "cot_rows": int(len(example_ids)),
         "mean_rationale_tokens": float(np.mean(rationale_tokens)),
+        "replay_rows": int(len(replay["tokens"])),
     }
+    rows = concat_rows(rows, replay, data.vocab.pad_id)
     if variant == "rupr_orft":
       extra["orft"] = orft_stats
     out[variant] = _fit(tune, root / variant, data, rows, extra)
+    sample_thoughts(tune, root / variant, data)
   return out
+
+
+def concat_rows(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
+                pad_id: int) -> dict[str, np.ndarray]:
+  """{"tokens", "loss_mask"} of a then b, left-padded to the longer length."""
+  length = max(a["tokens"].shape[1], b["tokens"].shape[1])
+
+  def widen(x, fill):
+    out = np.full((len(x), length), fill, x.dtype)
+    out[:, length - x.shape[1]:] = x
+    return out
+
+  return {
+      "tokens":
+          np.concatenate([widen(a["tokens"], pad_id),
+                          widen(b["tokens"], pad_id)]),
+      "loss_mask":
+          np.concatenate(
+              [widen(a["loss_mask"], False),
+               widen(b["loss_mask"], False)]),
+  }
+
+
+def sample_thoughts(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    data, num_users: int = 8) -> list[dict[str, Any]]:
+  """What a fine-tuned model writes for the first test users; cached.
+
+  Decodes `num_users` test prompts with the run's own think-then-recommend
+  settings and writes `<workdir>/samples.json`: per user the generated
+  rationale, whether the model closed it, the top-5 items and the target.
+  """
+  path = workdir / SAMPLES_FILE
+  if path.is_file():
+    return json.loads(path.read_text())
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from taiji_jax.generate import think as think_lib  # pylint: disable=g-import-not-at-top
+  model, setup = sft.load_decoder(workdir, data)
+  test = data.split["test"]
+  n = min(num_users, len(test["targets"]))
+  prompts = sft_data.prompt_rows(test["histories"][:n], test["users"][:n],
+                                 data.item_tokens, data.prefixes,
+                                 config.max_items, config.max_prefix,
+                                 data.vocab.pad_id)
+  v = data.vocab
+
+  @nnx.jit
+  def decode(model, prompts, seen):
+    return think_lib.think_then_recommend(
+        model,
+        prompts,
+        data.sids.trie,
+        tuple(int(o) for o in v.level_offsets),
+        5,
+        think_id=v.think_id,
+        think_end_id=v.think_end_id,
+        answer_id=v.answer_id,
+        allowed_v=think_lib.think_token_mask(v.size, v.text_offset,
+                                             v.think_end_id),
+        max_think=int(config.eval.max_think),
+        pad_id=v.pad_id,
+        exclude_bh=seen,
+        paths=data.sids.paths)
+
+  out = decode(model, prompts, test["seen_items"][:n])
+  tokens, length = np.asarray(out.thought.tokens), np.asarray(
+      out.thought.length)
+  ds = data.dataset
+  samples = [{
+      "user": int(test["users"][j]),
+      "rationale": v.decode(tokens[j, :length[j]].tolist()),
+      "closed": bool(out.thought.closed[j]),
+      "top5": [ds.item_text(int(i)) for i in np.asarray(out.items[j]) if i],
+      "target": ds.item_text(int(test["targets"][j])),
+  } for j in range(n)]
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(path, samples)
+  return samples
 
 
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:

@@ -35,8 +35,10 @@ TARGET_TEMPLATE = " Next:"
 
 
 @functools.partial(
-    nnx.jit, static_argnames=("think_id", "stop_id", "max_new", "pad_id"))
-def _sample(decoder, prompts_bt, allowed_v, key, temperature, *, think_id,
+    nnx.jit,
+    static_argnames=("temperature", "think_id", "stop_id", "max_new",
+                     "pad_id"))
+def _sample(decoder, prompts_bt, allowed_v, key, *, temperature, think_id,
             stop_id, max_new, pad_id):
   b, t = prompts_bt.shape
   tokens_bt = jnp.concatenate(
@@ -156,7 +158,7 @@ class LMTeacher(teachers_lib.Teacher):
           jnp.asarray(prompts[idx]),
           self._allowed,
           key,
-          self.temperature,
+          temperature=self.temperature,
           think_id=v.think_id,
           stop_id=v.think_end_id,
           max_new=self.max_new_tokens,

@@ -264,6 +264,7 @@ class Setup:
   state_shardings: Any
   train_step: Any
   eval_step: Any
+  final_eval_step: Any  # eval_step + the format check (test evaluation)
   copy_params: Any
   put_batch: Any
   mesh: Any
@@ -338,7 +339,9 @@ def build(config: ml_collections.ConfigDict,
 
   The evaluation step is `sft_eval.make_eval_step` (plain or
   think-then-recommend, `config.eval.think`); with `dataset` it also reports
-  the semantic metrics of `evaluate.semantic`.
+  the semantic metrics of `evaluate.semantic`. The format-compliance check
+  (a second, unconstrained generation) runs in the final test evaluation
+  only.
   """
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx = sasrec_trainer.make_optimizer(config, total_steps)
@@ -347,9 +350,13 @@ def build(config: ml_collections.ConfigDict,
   state, state_shardings = train_state.init_sharded(init_state, mesh, rules)
   train_step = make_train_step(graphdef, tx, pad_id, config.seed)
 
-  eval_step = sft_eval.make_eval_step(config, graphdef, sids, vocab, dataset)
+  eval_step = sft_eval.make_eval_step(
+      config, graphdef, sids, vocab, dataset, format_check=False)
+  final_eval_step = jax.jit(
+      sft_eval.make_eval_step(config, graphdef, sids, vocab, dataset))
   jit_train = jit_train_step(train_step, state_shardings, mesh)
   return Setup(graphdef, state, state_shardings, jit_train, jax.jit(eval_step),
+               final_eval_step,
                train_state.params_copier(state_shardings),
                train_state.batch_putter(mesh, rules), mesh)
 
@@ -542,8 +549,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         batch, histories=np.where(empty[:, None], prompts[:1], prompts))
     return setup.put_batch(batch)
 
-  def evaluate(params, part):
-    return full_ranking.evaluate(setup.eval_step, params, eval_parts[part],
+  def evaluate(params, part, final=False):
+    step = setup.final_eval_step if final else setup.eval_step
+    return full_ranking.evaluate(step, params, eval_parts[part],
                                  config.eval.batch_size, put_eval)
 
   progress = tqdm.trange(
@@ -585,7 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress.close()
     results = {
         "valid": meta.get("best_valid") or evaluate(best_params, "valid"),
-        "test": evaluate(best_params, "test"),
+        "test": evaluate(best_params, "test", final=True),
         "best_epoch": meta["best_epoch"],
         "epochs_run": meta["epoch"],
         "steps": int(state["step"]),

@@ -15,7 +15,8 @@ and "targets" the held-out items.
   `think/closed` (the model closed its rationale within the budget),
   `think/length`, and with `eval.format_check` the unconstrained format
   compliance from the bare prompt (`format/think_open`, `format/think_closed`,
-  `format/answer`, `format/compliant`).
+  `format/answer`, `format/compliant`; the SFT trainer runs it on the final
+  test evaluation only).
 
 Besides Recall/NDCG/MRR@k: `legal_items` (every returned item is a real,
 unseen item) and the semantic metrics of `evaluate.semantic`.
@@ -87,9 +88,18 @@ def think_settings(config: ml_collections.ConfigDict) -> dict:
   }
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef, sids, vocab,
-                   dataset=None):
-  """`eval_step(params, batch) -> {metric: (B,)}`, pure, not yet jitted."""
+def make_eval_step(config: ml_collections.ConfigDict,
+                   graphdef,
+                   sids,
+                   vocab,
+                   dataset=None,
+                   format_check: bool | None = None):
+  """`eval_step(params, batch) -> {metric: (B,)}`, pure, not yet jitted.
+
+  `format_check` overrides `config.eval.format_check` (thinking only).
+  """
+  if format_check is None:
+    format_check = bool(config.eval.format_check)
   ks = tuple(sorted(config.eval.ks))
   num_beams = eval_beams(config)
   labels_vl, title_ids_v = semantic_tables(config, dataset)
@@ -141,7 +151,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef, sids, vocab,
           -1, n).mean(1)
       out["think/length"] = thought.length.astype(jnp.float32).reshape(
           -1, n).mean(1)
-      if config.eval.format_check:
+      if format_check:
         free = think_lib.free_generate(model, prompts, vocab.answer_end_id,
                                        free_budget, pad_id)
         checks = think_lib.format_check(
