@@ -45,8 +45,8 @@ def get_config(arg=None):
 
   c.cot = ml_collections.ConfigDict()
   c.cot.variants = ("no_cot", "direct", "rupr", "rupr_orft")
-  c.cot.per_user = 1  # CoT examples: each user's last training targets
-  c.cot.k = 3  # candidate rationales per example (Taiji: 3)
+  c.cot.per_user = 3  # CoT examples: each user's last training targets
+  c.cot.k = 2  # candidate rationales per example (Taiji: 3)
   c.cot.max_think = 64  # rationale budget in tokens (training and decoding)
   # Examples whose rationales join the vocabulary's corpus (0: none, so the
   # base is exactly configs/ml100k_sft.py's model and vocabulary).

@@ -114,11 +114,23 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
     assert ("think/closed" in test) == think
     if think:
       assert seed[sub]["init_from"] == str(straight / "seed_0" / "base")
+      # The plain beam of a fine-tune (started from the base) keeps most of
+      # the base's quality and never returns a seen item.
+      plain = seed[sub]["test_no_think"]
+      assert plain["legal_items"] == 1.0 and "think/closed" not in plain
+      assert plain["ndcg@10"] > 0.5 * seed["base"]["test"]["ndcg@10"]
       assert 0.0 <= test["format/compliant"] <= test["format/think_open"] <= 1
       assert 0.0 <= test["think/length"] <= config.cot.max_think
   # The no-CoT model learned to write shorter (empty) thoughts than RUPR's.
   assert (seed["no_cot"]["test"]["think/length"] <
           seed["rupr"]["test"]["think/length"])
+  for sub in ablation.VARIANTS:
+    samples = json.loads(
+        (straight / "seed_0" / sub / ablation.SAMPLES_FILE).read_text())
+    assert len(samples) == 8
+    for sample in samples:
+      assert len(sample["top5"]) == 5 and sample["target"]
+      assert "<think>" not in sample["rationale"]
   table = (straight / "table.md").read_text().splitlines()
   assert len(table) == 2 + len(SUBRUNS)
 

@@ -66,6 +66,7 @@ ACCEPTED_FILE = "accepted.jsonl"
 SAMPLES_FILE = "samples.json"
 # Columns of the table: (results key, header).
 TABLE_METRICS = (
+    ("no_think/ndcg@10", "NDCG@10 without thinking"),
     ("recall@10", "Recall@10"),
     ("ndcg@10", "NDCG@10"),
     ("label_acc@1", "genre acc@1"),
@@ -271,6 +272,12 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
     if variant == "rupr_orft":
       extra["orft"] = orft_stats
     out[variant] = _fit(tune, root / variant, data, rows, extra)
+    if "test_no_think" not in out[variant]:
+      out[variant]["test_no_think"] = evaluate_without_thinking(
+          tune, root / variant, data)
+      if jax.process_index() == 0:
+        metric_writer.write_json_atomic(root / variant / "results.json",
+                                        out[variant])
     sample_thoughts(tune, root / variant, data)
   return out
 
@@ -294,6 +301,23 @@ def concat_rows(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
               [widen(a["loss_mask"], False),
                widen(b["loss_mask"], False)]),
   }
+
+
+def evaluate_without_thinking(config: ml_collections.ConfigDict,
+                              workdir: pathlib.Path, data) -> dict[str, Any]:
+  """Test metrics of a fine-tuned model's plain SID beam (no <think>).
+
+  The beam starts right after the prompt, as the base's packed rows teach:
+  what the CoT rows did to the recommender itself, apart from reasoning at
+  inference.
+  """
+  plain = config_lib.with_overrides(config, **{"eval.think": False})
+  _, setup = sft.load_decoder(workdir, data)
+  step = sft.build(plain, sft.model_config(plain, data.vocab.size),
+                   plain.train.warmup_steps + 2, setup.mesh, data.sids,
+                   data.vocab, data.dataset).eval_step
+  params = sft.restore_best_params(workdir, setup, config)
+  return sft.evaluate_split(plain, setup, step, params, data, "test")
 
 
 def sample_thoughts(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -361,10 +385,20 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
   variants = next(iter(per_seed.values())).keys()
   for variant in variants:
     rows = [per_seed[s][variant] for s in per_seed]
-    names = sorted(set.intersection(*(set(r["test"]) for r in rows)))
+    tests = []
+    for r in rows:
+      # The plain beam's metrics: a thinking run's extra evaluation, or a
+      # plain run's own.
+      plain = r.get("test_no_think",
+                    r["test"] if "think/closed" not in r["test"] else {})
+      tests.append({
+          **r["test"],
+          **{f"no_think/{k}": v for k, v in plain.items()}
+      })
+    names = sorted(set.intersection(*(set(t) for t in tests)))
     entry = {}
     for name in names:
-      values = [float(r["test"][name]) for r in rows]
+      values = [float(t[name]) for t in tests]
       entry[name] = {
           "mean": float(np.mean(values)),
           "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,

@@ -464,6 +464,32 @@ def restore_best_params(source: os.PathLike | str, setup: Setup,
   return restored["best_params"]
 
 
+def eval_putter(setup: Setup, pad_id: int):
+  """`put(batch)` of evaluation batches: an all-padding prompt row (padding
+  users of the last batch) is replaced by the first prompt, then placed."""
+
+  def put(batch):
+    prompts = batch["histories"]
+    empty = prompts[:, -1] == pad_id
+    batch = dict(
+        batch, histories=np.where(empty[:, None], prompts[:1], prompts))
+    return setup.put_batch(batch)
+
+  return put
+
+
+def evaluate_split(config: ml_collections.ConfigDict, setup: Setup, step,
+                   params, data: Data, part: str) -> dict[str, float]:
+  """Mean metrics of `step` (an eval step of `setup`) on a split part."""
+  prompts = _eval_split(data.split[part], data.item_tokens, data.prefixes,
+                        config, data.vocab.pad_id, data.titles)
+  with sharding.use_mesh(setup.mesh,
+                         tuple(tuple(r) for r in config.sharding_rules)):
+    return full_ranking.evaluate(step, params, prompts,
+                                 config.eval.batch_size,
+                                 eval_putter(setup, data.vocab.pad_id))
+
+
 def load_decoder(workdir: os.PathLike | str, data: Data):
   """(decoder with the best-valid parameters, Setup) of a finished SFT run.
 
@@ -542,12 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       titles) for part in ("valid", "test")
   }
 
-  def put_eval(batch):
-    prompts = batch["histories"]
-    empty = prompts[:, -1] == vocab.pad_id
-    batch = dict(
-        batch, histories=np.where(empty[:, None], prompts[:1], prompts))
-    return setup.put_batch(batch)
+  put_eval = eval_putter(setup, vocab.pad_id)
 
   def evaluate(params, part, final=False):
     step = setup.final_eval_step if final else setup.eval_step
