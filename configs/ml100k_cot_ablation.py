@@ -47,6 +47,8 @@ def get_config(arg=None):
   c.cot.variants = ("no_cot", "direct", "rupr", "rupr_orft")
   c.cot.per_user = 3  # CoT examples: each user's last training targets
   c.cot.k = 2  # candidate rationales per example (Taiji: 3)
+  # Statements per teacher rationale (at most; teachers.MAX_SENTENCES = 4).
+  c.cot.max_sentences = 4
   c.cot.max_think = 64  # rationale budget in tokens (training and decoding)
   # Examples whose rationales join the vocabulary's corpus (0: none, so the
   # base is exactly configs/ml100k_sft.py's model and vocabulary).
@@ -69,6 +71,7 @@ def get_config(arg=None):
     c.sft.eval.every_epochs = 1
     c.cot.k = 2
     c.cot.max_think = 24
+    c.cot.max_sentences = 2
     c.cot.vocab_examples = 40
     c.cot.per_user = 2
     c.cot.orft.batch_size = 16

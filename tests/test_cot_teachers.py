@@ -308,3 +308,23 @@ def test_bad_input_is_a_clear_error(movies):
   # 0 padding on the left of a split history is dropped.
   assert teacher.rationales(1, [0, 0, 1, 2], 3, 2,
                             0) == teacher.rationales(1, [1, 2], 3, 2, 0)
+
+
+def test_max_sentences_bounds_every_candidate(synthetic):
+  emb = _embeddings(synthetic)
+  for direct in (False, True):
+    teacher = teachers.AttributeTeacher(
+        synthetic, emb, direct=direct, max_sentences=1)
+    for user, history, target in _cases(synthetic, 6):
+      for r in teacher.candidates(user, history, target, 2, seed=0):
+        assert len(r.statements) == 1
+        # A RUPR rationale of one sentence is a fact about the target.
+        assert r.statements[0].uses_target == (not direct)
+  longer = teachers.AttributeTeacher(synthetic, emb, max_sentences=3)
+  sizes = {
+      len(r.statements) for u, h, t in _cases(synthetic, 6)
+      for r in longer.candidates(u, h, t, 3, seed=0)
+  }
+  assert max(sizes) <= 3 and len(sizes) > 1
+  with pytest.raises(ValueError, match="max_sentences"):
+    teachers.AttributeTeacher(synthetic, emb, max_sentences=0)

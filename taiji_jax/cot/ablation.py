@@ -228,11 +228,15 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   cands = {
       "direct":
           _candidates(
-              teachers.AttributeTeacher(data.dataset, emb, direct=True),
+              teachers.AttributeTeacher(
+                  data.dataset, emb, direct=True,
+                  max_sentences=cot.max_sentences),
               examples, cot.k, seed, root / "data" / "candidates_direct.json"),
       "rupr":
           _candidates(
-              teachers.AttributeTeacher(data.dataset, emb, direct=False),
+              teachers.AttributeTeacher(
+                  data.dataset, emb, direct=False,
+                  max_sentences=cot.max_sentences),
               examples, cot.k, seed, root / "data" / "candidates_rupr.json"),
   }
   n = len(examples["targets"])

@@ -20,7 +20,7 @@ CPU and every sentence it writes is checkable:
    and decade; and the taste shift between the older and the recent half of
    the history (which label gained or lost the most share).
 2. Each fact becomes a statement with a few phrasings; a candidate is 1-4
-   statements of different facts, drawn (which, in what order, which
+   (`max_sentences`) statements of different facts, drawn (which, in what order, which
    phrasing) by a numpy RNG seeded with (seed, user, target). With the
    target known, each candidate holds at least one statement about it.
    Candidates are distinct; their `Statement.claims` say exactly which facts
@@ -185,14 +185,20 @@ class AttributeTeacher(Teacher):
     item_embeddings: optional (num_items + 1, D) item vectors (row 0 =
       padding), e.g. text-encoder embeddings, for content neighbours.
     direct: the direct-distillation baseline: no fact about the target.
+    max_sentences: most statements in one rationale (1 gives short,
+      single-fact rationales, like OneRec-Think's category template).
   """
 
   def __init__(self,
                dataset,
                item_embeddings: np.ndarray | None = None,
-               direct: bool = False):
+               direct: bool = False,
+               max_sentences: int = MAX_SENTENCES):
+    if max_sentences < 1:
+      raise ValueError(f"max_sentences must be >= 1, got {max_sentences}.")
     self.dataset = dataset
     self.direct = bool(direct)
+    self.max_sentences = int(max_sentences)
     features = dataset.item_features
     self.label_fields = tuple(f for f in LABEL_FIELDS if f in features)
     self._labels = {
@@ -406,7 +412,7 @@ class AttributeTeacher(Teacher):
     rng = np.random.default_rng([seed, facts.user, facts.target or 0])
     out, seen = [], set()
     for _ in range(_TRIES_PER_CANDIDATE * k):
-      rationale = _compose(pool, rng)
+      rationale = _compose(pool, rng, self.max_sentences)
       if rationale.text not in seen:
         seen.add(rationale.text)
         out.append(rationale)
@@ -628,10 +634,12 @@ def _year_entries(facts: Facts):
   return out
 
 
-def _compose(pool: Sequence[_Entry], rng: np.random.Generator) -> Rationale:
-  """1..MAX_SENTENCES statements of different groups, >= 1 about the target
+def _compose(pool: Sequence[_Entry],
+             rng: np.random.Generator,
+             max_sentences: int = MAX_SENTENCES) -> Rationale:
+  """1..max_sentences statements of different groups, >= 1 about the target
   when the pool has one; random choice, order and phrasing."""
-  size = int(rng.integers(1, MAX_SENTENCES + 1))
+  size = int(rng.integers(1, max_sentences + 1))
   about_target = [i for i, e in enumerate(pool) if e.uses_target]
   chosen = []
   if about_target:
