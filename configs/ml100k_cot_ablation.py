@@ -17,7 +17,8 @@ describes the workdir; the README has the measured table and its runtime.
 
 Variants: `:smoke` (synthetic data, tiny decoder, one seed, about a
 minute); `:seeds=1` (the first seed only). Any field can be overridden,
-e.g. `--config.cot.orft.scorer=base --config.cot.k=4`.
+e.g. `--config.cot.orft.scorer=base --config.cot.k=4
+--config.cot.max_sentences=1`.
 """
 
 import pathlib
