@@ -10,7 +10,7 @@ WORKDIR ?= runs/ml100k
 CONFIG ?= configs/ml100k.py
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench format clean
+.PHONY: install run test test-fast bench cot-ablation format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PY) experiments/bench/sasrec_train.py --workdir=runs/bench
 	$(PY) experiments/bench/sft_train.py --workdir=runs/bench
 	$(PY) experiments/bench/beam_search.py --workdir=runs/bench
+
+# The reasoning ablation (README, "Reasoning"); needs the SIDs of `make run`.
+cot-ablation: $(STAMP)
+	$(PY) experiments/cot_ablation.py --config=configs/ml100k_cot_ablation.py --workdir=runs/ml100k_cot
 
 format: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"
