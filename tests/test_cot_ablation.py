@@ -13,6 +13,8 @@ from taiji_jax.cot import orft
 from taiji_jax.testing import runs
 from taiji_jax.train import build_sids
 
+pytestmark = pytest.mark.slow  # end-to-end subprocess runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ENTRY = ROOT / "experiments" / "cot_ablation.py"
