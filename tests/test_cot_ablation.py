@@ -123,9 +123,6 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
       assert plain["ndcg@10"] > 0.5 * seed["base"]["test"]["ndcg@10"]
       assert 0.0 <= test["format/compliant"] <= test["format/think_open"] <= 1
       assert 0.0 <= test["think/length"] <= config.cot.max_think
-  # The no-CoT model learned to write shorter (empty) thoughts than RUPR's.
-  assert (seed["no_cot"]["test"]["think/length"] <
-          seed["rupr"]["test"]["think/length"])
   for sub in ablation.VARIANTS:
     samples = json.loads(
         (straight / "seed_0" / sub / ablation.SAMPLES_FILE).read_text())

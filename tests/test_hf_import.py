@@ -418,7 +418,9 @@ def test_extend_vocab_keeps_old_token_logits(name, method):
   tokens = _reference(name)["tokens"]
   old, new = _forward(model, tokens), _forward(grown, tokens)
   assert new.shape == old.shape[:2] + (v + EXTRA,)
-  np.testing.assert_array_equal(new[..., :v], old)  # Bit for bit.
+  # Equal up to float32 summation order: XLA's CPU matmul may block a wider
+  # output differently (a CI run saw 7e-7), so no bit-for-bit claim.
+  np.testing.assert_allclose(new[..., :v], old, rtol=0, atol=1e-5)
   # In units of the old logits' spread at each position:
   z = (new[..., v:] - old.mean(-1, keepdims=True)) / old.std(-1, keepdims=True)
   if method == "mean":
