@@ -15,8 +15,8 @@ and RUPR kept by ORFT (answer perplexity below its median) — all evaluated
 by the same think-then-recommend decoding. `taiji_jax/cot/ablation.py`
 describes the workdir; the README has the measured table and its runtime.
 
-Variants: `:smoke` (synthetic data, tiny decoder, one seed, about a
-minute); `:seeds=1` (the first seed only). Any field can be overridden,
+Variants: `:smoke` (synthetic data, tiny decoder, one seed, a few
+minutes on 2 CPU cores); `:seeds=1` (the first seed only). Any field can be overridden,
 e.g. `--config.cot.orft.scorer=base --config.cot.k=4
 --config.cot.max_sentences=1`.
 """

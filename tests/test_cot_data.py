@@ -96,7 +96,7 @@ def test_reasoning_rows_put_the_loss_on_think_and_answer(setup):
     answer = score["loss_mask"][r]
     assert tokens[answer].tolist() == sid
   with pytest.raises(ValueError, match="target"):
-    orft.reasoning_rows(prompts[:1], [[]], item_tokens[:1][:, :] + 0, vocab,
+    orft.reasoning_rows(prompts[:1], [[]], item_tokens[1:2], vocab,
                         target="both")
 
 

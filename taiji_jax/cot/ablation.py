@@ -226,18 +226,15 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   length = prompts.shape[1] + cot.max_think + 4 + data.item_tokens.shape[1]
   emb = item_embeddings(sids_dir, data.dataset)
   cands = {
-      "direct":
+      name:
           _candidates(
               teachers.AttributeTeacher(
-                  data.dataset, emb, direct=True,
-                  max_sentences=cot.max_sentences),
-              examples, cot.k, seed, root / "data" / "candidates_direct.json"),
-      "rupr":
-          _candidates(
-              teachers.AttributeTeacher(
-                  data.dataset, emb, direct=False,
-                  max_sentences=cot.max_sentences),
-              examples, cot.k, seed, root / "data" / "candidates_rupr.json"),
+                  data.dataset,
+                  emb,
+                  direct=name == "direct",
+                  max_sentences=cot.max_sentences), examples, cot.k, seed,
+              root / "data" / f"candidates_{name}.json")
+      for name in ("direct", "rupr")
   }
   n = len(examples["targets"])
   cands["no_cot"] = {"example": np.repeat(np.arange(n), cot.k),

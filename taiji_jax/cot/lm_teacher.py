@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taiji_jax.cot import teachers as teachers_lib
+from taiji_jax.generate import recommend
 from taiji_jax.generate import think as think_lib
 from taiji_jax.train import sft_data
 
@@ -40,15 +41,13 @@ TARGET_TEMPLATE = " Next:"
                      "pad_id"))
 def _sample(decoder, prompts_bt, allowed_v, key, *, temperature, think_id,
             stop_id, max_new, pad_id):
-  b, t = prompts_bt.shape
+  b = prompts_bt.shape[0]
   tokens_bt = jnp.concatenate(
       [prompts_bt, jnp.full((b, 1), think_id, prompts_bt.dtype)], 1)
-  cache = decoder.init_cache(b, t + 1 + max_new)
-  logits_btv, cache = decoder.decode_step(
-      tokens_bt, cache, attention_mask_bt=tokens_bt != pad_id)
+  logits_bv, cache = recommend.prefill(decoder, tokens_bt, pad_id, max_new)
   thought, _, _ = think_lib.generate_until(
       decoder,
-      logits_btv[:, -1],
+      logits_bv,
       cache,
       stop_id,
       max_new,
@@ -108,8 +107,7 @@ class LMTeacher(teachers_lib.Teacher):
     self._allowed = jnp.asarray(
         think_lib.think_token_mask(vocab.size, vocab.text_offset,
                                    vocab.think_end_id))
-    titles = dataset.item_features.get("title")
-    self._titles = titles
+    self._titles = dataset.item_features.get("title")
 
   def prompts(self, users: Sequence[int], histories: np.ndarray,
               targets: Sequence[int] | None) -> np.ndarray:

@@ -17,9 +17,13 @@ from taiji_jax.generate import constrained
 from taiji_jax.quantize import semantic_ids as sid_lib
 
 
-def _prefill(decoder, prompts_bt: jax.Array, pad_id: int, levels: int):
+def prefill(decoder, prompts_bt: jax.Array, pad_id: int, extra: int):
+  """Runs left-padded prompts into a fresh cache with `extra` free slots.
+
+  Returns (last-position logits (B, V), cache).
+  """
   b, t = prompts_bt.shape
-  cache = decoder.init_cache(b, t + levels)
+  cache = decoder.init_cache(b, t + extra)
   logits_btv, cache = decoder.decode_step(
       prompts_bt, cache, attention_mask_bt=prompts_bt != pad_id)
   return logits_btv[:, -1], cache
@@ -44,7 +48,7 @@ def recommend(decoder,
     pad_id: the padding id of the prompts.
     exclude_bh: (B, H) items never to return (history), 0 = padding.
   """
-  first, cache = _prefill(decoder, prompts_bt, pad_id, len(trie))
+  first, cache = prefill(decoder, prompts_bt, pad_id, len(trie))
   return constrained.beam_search(
       decoder.decode_next,
       first,
@@ -66,7 +70,7 @@ def sample_items(decoder,
                  exclude_bh: jax.Array | None = None,
                  paths: jax.Array | None = None) -> constrained.Decoded:
   """One constrained sample per prompt (see `constrained.sample`)."""
-  first, cache = _prefill(decoder, prompts_bt, pad_id, len(trie))
+  first, cache = prefill(decoder, prompts_bt, pad_id, len(trie))
   return constrained.sample(
       decoder.decode_next,
       first,

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taiji_jax.generate import constrained
+from taiji_jax.generate import recommend
 from taiji_jax.quantize import semantic_ids as sid_lib
 
 NEG_INF = constrained.NEG_INF
@@ -141,14 +142,6 @@ def generate_until(decoder,
   return Thought(tokens_bn, length_b, closed_b), logits_bv, cache
 
 
-def _prefill(decoder, tokens_bt, pad_id, extra):
-  b, t = tokens_bt.shape
-  cache = decoder.init_cache(b, t + extra)
-  logits_btv, cache = decoder.decode_step(
-      tokens_bt, cache, attention_mask_bt=tokens_bt != pad_id)
-  return logits_btv[:, -1], cache
-
-
 def think_then_recommend(decoder,
                          prompts_bt: jax.Array,
                          trie: Sequence[sid_lib.TrieLevel],
@@ -195,7 +188,7 @@ def think_then_recommend(decoder,
   rows = prompts_bt.shape[0]
   tokens_bt = jnp.concatenate(
       [prompts_bt, jnp.full((rows, 1), think_id, prompts_bt.dtype)], axis=1)
-  logits_bv, cache = _prefill(decoder, tokens_bt, pad_id,
+  logits_bv, cache = recommend.prefill(decoder, tokens_bt, pad_id,
                               max_think + 2 + len(trie))
   thought, _, cache = generate_until(
       decoder,
@@ -272,7 +265,7 @@ def free_generate(decoder,
   Only <pad> is never generated; everything else, SID and marker tokens
   included, is the model's own choice, which `format_check` then judges.
   """
-  logits_bv, cache = _prefill(decoder, prompts_bt, pad_id, max_new)
+  logits_bv, cache = recommend.prefill(decoder, prompts_bt, pad_id, max_new)
   allowed_v = jnp.arange(logits_bv.shape[-1]) != pad_id
   thought, _, _ = generate_until(
       decoder, logits_bv, cache, stop_id, max_new, allowed_v, pad_id=pad_id)
