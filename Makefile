@@ -10,7 +10,7 @@ WORKDIR ?= runs/ml100k
 CONFIG ?= configs/ml100k.py
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench cot-ablation format clean
+.PHONY: install run test test-fast bench cot-ablation rl-table format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # The reasoning ablation (README, "Reasoning"); needs the SIDs of `make run`.
 cot-ablation: $(STAMP)
 	$(PY) experiments/cot_ablation.py --config=configs/ml100k_cot_ablation.py --workdir=runs/ml100k_cot
+
+# RL (GRPO) vs SFT over 3 seeds (README, "RL alignment"); needs the sasrec
+# and sids stages of `make run`.
+rl-table: $(STAMP)
+	$(PY) experiments/rl_table.py --config=configs/ml100k_rl_table.py --workdir=runs/ml100k_rl
 
 format: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"

@@ -11,6 +11,9 @@ Stages (each into `runs/ml100k/<stage>/` with its own results.json):
               RQ-KMeans on MiniLM text + SASRec item embeddings; ~50 s)
   sft         the SID-LLM, configs/ml100k_sft.py: SFT on next-item SIDs,
               ranked by trie-constrained beam search (~7 min)
+  rl          GRPO from the SFT model with the semantic (MiniLM cosine) and
+              preference (SASRec) rewards, equal fixed weights,
+              configs/ml100k_rl.py (~10 min)
 
 The table printed at the end has SASRec and the SID-LLM side by side on the
 same test split and metrics. Measured times are in the README. `:smoke`
@@ -31,7 +34,7 @@ _HERE = pathlib.Path(__file__).parent
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
-  c.stages = ("popularity", "sasrec", "sids", "sft")
+  c.stages = ("popularity", "sasrec", "sids", "sft", "rl")
   c.report_ks = (5, 10, 20)
   c.sasrec = config_lib.load_config_file(_HERE / "ml100k_sasrec.py",
                                          "smoke" if arg.smoke else None)
@@ -39,4 +42,6 @@ def get_config(arg=None):
                                        "smoke" if arg.smoke else None)
   c.sft = config_lib.load_config_file(_HERE / "ml100k_sft.py",
                                       "smoke" if arg.smoke else None)
+  c.rl = config_lib.load_config_file(_HERE / "ml100k_rl.py",
+                                     "smoke" if arg.smoke else None)
   return c.lock()

@@ -4,8 +4,8 @@ Stages run in the order of `config.stages`; each writes its own
 `results.json` and is resumable on its own (a finished stage re-evaluates or
 is skipped). The pipeline then writes `<workdir>/results.json` with every
 stage's test and valid metrics and prints them side by side. Stages without
-ranking metrics (sids) are listed with their results file. Stages added by
-later parts of the codebase (rl) register in `STAGES`.
+ranking metrics (sids) are listed with their results file. New stages
+register in `STAGES`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ml_collections
 
 from taiji_jax.evaluate import baselines
 from taiji_jax.evaluate import full_ranking
+from taiji_jax.rl import trainer as rl_trainer
 from taiji_jax.train import build_sids
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
@@ -56,6 +57,7 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec"),
     "sids": (build_sids.run, "sids"),
     "sft": (sft.train_and_evaluate, "sft"),
+    "rl": (rl_trainer.train_and_evaluate, "rl"),
 }
 
 

@@ -78,9 +78,9 @@ def test_smoke_pipeline_runs_every_stage_and_prints_them_side_by_side(
   config = config_lib.load_config_file(CONFIG, "smoke")
   summary = pipeline.run(config, tmp_path)
   assert list(summary) == list(config.stages)
-  assert {"popularity", "sasrec", "sids", "sft"} <= set(summary)
+  assert {"popularity", "sasrec", "sids", "sft", "rl"} <= set(summary)
   table = capsys.readouterr().out
-  for stage in ("popularity", "sasrec", "sft"):
+  for stage in ("popularity", "sasrec", "sft", "rl"):
     test = summary[stage]["test"]
     # The summary holds each stage's own results.json numbers.
     own = json.loads((tmp_path / stage / "results.json").read_text())

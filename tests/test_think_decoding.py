@@ -22,8 +22,8 @@ import pytest
 
 from taiji_jax.generate import recommend
 from taiji_jax.generate import think
-from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.testing import decoders
 
 PAD, THINK, THINK_END, ANSWER, ANSWER_END = 0, 4, 5, 6, 7
 SIZES = (5, 4, 3)
@@ -59,15 +59,10 @@ def sids():
 
 @pytest.fixture(scope="module")
 def model():
-  # Random parameters (std 0.5) put straight into the abstract model: far
-  # from uniform logits, so greedy choices have clear margins and depend on
-  # the context (with this seed some rows close their thought, some not).
-  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=V, max_seq_len=128)
-  graphdef, state = nnx.split(decoder_lib.abstract_decoder(cfg))
-  rng = np.random.default_rng(1)
-  state = jax.tree.map(
-      lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), state)
-  return nnx.merge(graphdef, state)
+  # Random parameters (std 0.5): far from uniform logits, so greedy
+  # choices have clear margins and depend on the context (with this seed
+  # some rows close their thought, some not).
+  return decoders.random_decoder(V)
 
 
 @pytest.fixture(scope="module")

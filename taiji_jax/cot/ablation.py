@@ -399,12 +399,7 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
     names = sorted(set.intersection(*(set(t) for t in tests)))
     entry = {}
     for name in names:
-      values = [float(t[name]) for t in tests]
-      entry[name] = {
-          "mean": float(np.mean(values)),
-          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-          "values": values,
-      }
+      entry[name] = workdir_lib.seed_stats(t[name] for t in tests)
     entry["train_rows"] = [r.get("cot_rows", r.get("train_rows")) for r in rows]
     entry["steps"] = [r.get("steps") for r in rows]
     out[variant] = entry
@@ -418,28 +413,16 @@ def format_table(summary: dict[str, Any]) -> str:
            "direct": "direct-distilled CoT",
            "rupr": "RUPR CoT",
            "rupr_orft": "RUPR + ORFT"}
-  header = "| model | " + " | ".join(h for _, h in TABLE_METRICS) + " |"
-  lines = [header, "|" + " --- |" * (len(TABLE_METRICS) + 1)]
-  for variant, entry in summary.items():
-    cells = []
-    for key, _ in TABLE_METRICS:
-      m = entry.get(key)
-      cells.append("-" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}")
-    lines.append(f"| {names.get(variant, variant)} | " + " | ".join(cells) +
-                 " |")
-  return "\n".join(lines)
+  return workdir_lib.seed_table(
+      [(names.get(variant, variant), entry)
+       for variant, entry in summary.items()], TABLE_METRICS)
 
 
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Every seed, then results.json and table.md (module docstring)."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  workdir_lib.write_or_check_config(workdir, config)
-  per_seed = {
-      int(s): run_seed(config, workdir / f"seed_{s}", int(s))
-      for s in config.seeds
-  }
+  per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
   summary = summarize(per_seed)
   orft_runs = {
       s: r["rupr_orft"].get("orft") for s, r in per_seed.items()

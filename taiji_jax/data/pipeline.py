@@ -113,12 +113,18 @@ def eval_batches(split: dict[str, np.ndarray], batch_size: int):
   """Yields fixed-shape batches of an eval split plus a validity mask.
 
   The last batch is padded with all-zero rows (`valid` False), so one
-  compiled eval step serves every batch.
+  compiled eval step serves every batch. Every array of the split with one
+  row per user is batched ("histories", "targets", "seen_items", "users",
+  and e.g. a second model's histories).
   """
   n = len(split["targets"])
+  keys = [
+      k for k, v in split.items()
+      if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == n
+  ]
   for start in range(0, n, batch_size):
     batch = {}
-    for key in ("histories", "targets", "seen_items", "users"):
+    for key in keys:
       chunk = split[key][start:start + batch_size]
       pad = batch_size - len(chunk)
       batch[key] = np.concatenate(

@@ -221,3 +221,28 @@ def sample(step_fn: StepFn,
       items=jnp.where(alive_b, items_b, 0)[:, None],
       scores=jnp.where(alive_b, score_b, -jnp.inf)[:, None],
       codes=jnp.stack(codes, -1)[:, None])
+
+
+def allowed_masks(trie: Sequence[sid_lib.TrieLevel],
+                  codes_nl: jax.Array,
+                  exclude_bh: jax.Array | None = None,
+                  paths: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """The allowed tokens at every level along given SIDs: L arrays (N, K_l).
+
+  Replays `codes_nl` through the trie with the masks of `sample` and
+  `beam_search` (trie continuation, excluded subtrees removed), so a policy
+  loss can renormalise the model's distribution over exactly the set the
+  constrained decoder chose from. Rows whose codes leave the trie get
+  all-False masks from that level on.
+  """
+  excluded_nhl = _excluded(exclude_bh, paths)
+  node_n = jnp.zeros(codes_nl.shape[:1], jnp.int32)
+  alive_n = jnp.ones(codes_nl.shape[:1], bool)
+  masks = []
+  for l in range(len(trie)):
+    mask_nk, child_nk = _allowed(trie, l, node_n, excluded_nhl)
+    masks.append(mask_nk & alive_n[:, None])
+    child_n = jnp.take_along_axis(child_nk, codes_nl[:, l:l + 1], axis=1)[:, 0]
+    alive_n = alive_n & (child_n >= 0)
+    node_n = jnp.maximum(child_n, 0)
+  return tuple(masks)

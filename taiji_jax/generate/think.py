@@ -142,6 +142,62 @@ def generate_until(decoder,
   return Thought(tokens_bn, length_b, closed_b), logits_bv, cache
 
 
+def reason(decoder,
+           prompts_bt: jax.Array,
+           *,
+           think_id: int,
+           think_end_id: int,
+           answer_id: int,
+           allowed_v: jax.Array,
+           max_think: int,
+           extra: int,
+           key: jax.Array | None = None,
+           temperature: float = 1.0,
+           pad_id: int = 0):
+  """Steps 1-3 of the module docstring up to the answer's first token.
+
+  Prefills `[prompt] <think>`, writes a rationale of at most `max_think`
+  tokens, closes it where the model did not and feeds `<answer>`.
+
+  Returns:
+    (Thought, logits (B, V) of the answer's first token, cache with
+    `extra` free slots left for the answer).
+  """
+  rows = prompts_bt.shape[0]
+  tokens_bt = jnp.concatenate(
+      [prompts_bt, jnp.full((rows, 1), think_id, prompts_bt.dtype)], axis=1)
+  logits_bv, cache = recommend.prefill(decoder, tokens_bt, pad_id,
+                                       max_think + 2 + extra)
+  thought, _, cache = generate_until(
+      decoder,
+      logits_bv,
+      cache,
+      think_end_id,
+      max_think,
+      allowed_v=allowed_v,
+      key=key,
+      temperature=temperature,
+      pad_id=pad_id)
+  tail_b2, mask_b2 = answer_opening(thought.closed, think_end_id, answer_id,
+                                    pad_id)
+  logits_b2v, cache = decoder.decode_step(
+      tail_b2, cache, attention_mask_bt=mask_b2)
+  return thought, logits_b2v[:, -1], cache
+
+
+def answer_opening(closed_b: jax.Array, think_end_id: int, answer_id: int,
+                   pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """(tokens (B, 2), attention (B, 2)) fed after a rationale:
+  `</think> <answer>`, or `<pad> <answer>` (masked) where the model already
+  wrote `</think>`."""
+  rows = closed_b.shape[0]
+  tail_b2 = jnp.stack([
+      jnp.where(closed_b, pad_id, think_end_id),
+      jnp.full((rows,), answer_id)
+  ], 1).astype(jnp.int32)
+  return tail_b2, jnp.stack([~closed_b, jnp.ones((rows,), bool)], 1)
+
+
 def think_then_recommend(decoder,
                          prompts_bt: jax.Array,
                          trie: Sequence[sid_lib.TrieLevel],
@@ -185,32 +241,21 @@ def think_then_recommend(decoder,
     prompts_bt = jnp.repeat(prompts_bt, n, axis=0)
     if exclude_bh is not None:
       exclude_bh = jnp.repeat(exclude_bh, n, axis=0)
-  rows = prompts_bt.shape[0]
-  tokens_bt = jnp.concatenate(
-      [prompts_bt, jnp.full((rows, 1), think_id, prompts_bt.dtype)], axis=1)
-  logits_bv, cache = recommend.prefill(decoder, tokens_bt, pad_id,
-                              max_think + 2 + len(trie))
-  thought, _, cache = generate_until(
+  thought, first_bv, cache = reason(
       decoder,
-      logits_bv,
-      cache,
-      think_end_id,
-      max_think,
+      prompts_bt,
+      think_id=think_id,
+      think_end_id=think_end_id,
+      answer_id=answer_id,
       allowed_v=allowed_v,
+      max_think=max_think,
+      extra=len(trie),
       key=key,
       temperature=temperature,
       pad_id=pad_id)
-  # Close the thought where the model did not, then open the answer.
-  closed = thought.closed
-  tail_b2 = jnp.stack(
-      [jnp.where(closed, pad_id, think_end_id),
-       jnp.full((rows,), answer_id)], 1).astype(jnp.int32)
-  mask_b2 = jnp.stack([~closed, jnp.ones((rows,), bool)], 1)
-  logits_b2v, cache = decoder.decode_step(
-      tail_b2, cache, attention_mask_bt=mask_b2)
   decoded = constrained.beam_search(
       decoder.decode_next,
-      logits_b2v[:, -1],
+      first_bv,
       cache,
       trie,
       level_offsets,

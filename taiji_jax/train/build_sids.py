@@ -67,6 +67,21 @@ def _cached_array(path: pathlib.Path, key: str, compute) -> np.ndarray:
   return x
 
 
+def content_key(enc_cfg: ml_collections.ConfigDict,
+                texts: list[str]) -> str:
+  """The cache key of content embeddings: encoder, its path, the texts."""
+  digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+  return f"{enc_cfg.name}|{enc_cfg.path}|{digest}"
+
+
+def cached_key(path: pathlib.Path) -> str | None:
+  """The key an `_cached_array` file was stored under, None if absent."""
+  if not path.is_file():
+    return None
+  with np.load(path, allow_pickle=False) as f:
+    return str(f["key"])
+
+
 def content_embeddings(config: ml_collections.ConfigDict,
                        dataset: data_lib.Dataset,
                        workdir: pathlib.Path) -> np.ndarray:
@@ -74,8 +89,7 @@ def content_embeddings(config: ml_collections.ConfigDict,
   from taiji_jax import text  # pylint: disable=g-import-not-at-top
   enc_cfg = config.representation.text_encoder
   texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
-  digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-  key = f"{enc_cfg.name}|{enc_cfg.path}|{digest}"
+  key = content_key(enc_cfg, texts)
 
   def compute():
     encoder = text.load_text_encoder(enc_cfg.name, path=enc_cfg.path or None)

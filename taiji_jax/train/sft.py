@@ -490,6 +490,30 @@ def evaluate_split(config: ml_collections.ConfigDict, setup: Setup, step,
                                  eval_putter(setup, data.vocab.pad_id))
 
 
+def load_data(workdir: os.PathLike | str
+             ) -> tuple[ml_collections.ConfigDict, Data]:
+  """(config, Data) of a finished SFT run, its saved vocabulary reused.
+
+  Unlike `prepare` nothing is written into `workdir`: a later stage (RL)
+  reads the SFT run exactly as it was trained.
+  """
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
+  if not (workdir / "vocab").is_dir():
+    raise FileNotFoundError(f"{workdir}: no vocab/ (is it an SFT workdir? "
+                            "train it first).")
+  dataset = build_sids.load_dataset(config)
+  split = dataset.split_leave_one_out(config.max_items)
+  sids = load_sids(config, workdir, dataset)
+  vocab = vocab_lib.Vocab.load(workdir / "vocab")
+  vocab.check_compatible(sids)
+  users = np.arange(1, dataset.num_users + 1)
+  return config, Data(
+      dataset, split, sids, vocab, vocab.item_token_table(sids),
+      sft_data.user_prefixes(dataset, vocab, users, config.max_prefix),
+      history_titles(config, dataset, vocab))
+
+
 def load_decoder(workdir: os.PathLike | str, data: Data):
   """(decoder with the best-valid parameters, Setup) of a finished SFT run.
 

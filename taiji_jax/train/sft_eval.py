@@ -93,10 +93,13 @@ def make_eval_step(config: ml_collections.ConfigDict,
                    sids,
                    vocab,
                    dataset=None,
-                   format_check: bool | None = None):
+                   format_check: bool | None = None,
+                   return_items: bool = False):
   """`eval_step(params, batch) -> {metric: (B,)}`, pure, not yet jitted.
 
-  `format_check` overrides `config.eval.format_check` (thinking only).
+  `format_check` overrides `config.eval.format_check` (thinking only);
+  `return_items` makes it return (metrics, ranked items (B, max(ks))), for
+  callers that add metrics of their own (the RL stage's rewards).
   """
   if format_check is None:
     format_check = bool(config.eval.format_check)
@@ -183,6 +186,6 @@ def make_eval_step(config: ml_collections.ConfigDict,
     if title_ids_v is not None:
       out.update(
           semantic.title_hits(items_bk, batch["targets"], title_ids_v, ks))
-    return out
+    return (out, items_bk) if return_items else out
 
   return eval_step

@@ -1,0 +1,104 @@
+r"""RL alignment of the SFT SID-LLM on MovieLens-100k (GRPO family).
+
+Launch (from the repository root, after `make run` has trained the sasrec,
+sids and sft stages into runs/ml100k/):
+
+  .venv/bin/python experiments/train_rl.py \
+      --config configs/ml100k_rl.py --workdir runs/ml100k/rl
+
+The policy starts from the SFT run's best parameters (`sft_workdir`,
+default `<workdir>/../sft`), which also stay frozen as the KL reference.
+Each step draws `rollout.group_size` trie-constrained answers for each of
+`train.batch_size` training prompts, scores them with the `rewards`
+(semantic: MiniLM cosine of answer and target item; preference: SASRec's
+min-max-normalised score of the answer for the user), combines them with
+`weights` (`weighting="fixed"`), and takes `train.epochs` x
+`train.num_minibatches` optimizer steps on `objective`.
+
+The results of the README's "RL alignment" table (3 seeds, RL vs SFT) are
+made by `make rl-table` (experiments/rl_table.py); measured numbers and
+times are there.
+
+Variants (after the colon): `smoke` (synthetic data, tiny decoder, a few
+steps; reads the smoke pipeline's runs), `objective=<name>` (grpo, dr_grpo,
+dapo, ecpo, gbpo, dpo, rspo), `think` (reasoning rollouts), `seed=N`.
+`loss.*` fields left at -1 take the objective's paper defaults
+(`taiji_jax.rl.objectives.defaults`). Any field can be overridden, e.g.
+`--config.train.lr=1e-4 --config.weights.semantic=0.25`.
+"""
+
+import ml_collections
+
+from taiji_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(
+      arg, smoke=False, seed=0, objective="grpo", think=False)
+  c = ml_collections.ConfigDict()
+  c.seed = arg.seed
+  c.progress_bar = True
+  c.sft_workdir = ""  # "": <workdir>/../sft
+  c.sasrec_workdir = ""  # "": <sft_workdir>/../sasrec
+  c.prompts_per_user = 1  # each user's last training targets
+
+  c.rewards = ("semantic", "preference")
+  c.weighting = "fixed"
+  c.weights = ml_collections.ConfigDict({"semantic": 0.5, "preference": 0.5})
+  # Report the preference reward in evaluation even when not trained on.
+  c.eval_preference = True
+  c.text_encoder = ml_collections.ConfigDict({
+      "name": "all-MiniLM-L6-v2",
+      "path": "",
+      "batch_size": 64
+  })
+
+  c.rollout = ml_collections.ConfigDict(
+      dict(
+          group_size=8,
+          temperature=1.0,
+          think=arg.think,
+          max_think=32,
+          hit_beams=0,
+          renormalise=True))
+
+  c.objective = arg.objective
+  c.advantage = "auto"  # or std / center / none / gdpo
+  # -1: the objective's default (objectives.defaults(objective)).
+  c.loss = ml_collections.ConfigDict(
+      dict(eps_low=-1.0, eps_high=-1.0, kl_coef=-1.0, delta=-1.0, beta=-1.0))
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # prompts per step (x group_size rollouts)
+  c.train.num_steps = 90  # ~3 passes over the 943 prompts
+  c.train.epochs = 1  # passes over each rollout batch
+  c.train.num_minibatches = 2  # optimizer steps per pass
+  c.train.keep_groups = 0  # dynamic sampling: groups kept (0: off)
+  c.train.lr = 1e-4
+  c.train.schedule = "constant"
+  c.train.warmup_steps = 5
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 15
+  c.eval.batch_size = 128
+  c.eval.early_stop_metric = "ndcg@10"  # picks the reported parameters
+
+  c.checkpoint_every_steps = 15
+  c.max_nonfinite_frac = 0.25
+  c.max_skipped_steps = 3
+
+  if arg.smoke:
+    c.rollout.group_size = 4
+    c.rollout.max_think = 8
+    c.train.batch_size = 8
+    c.train.num_steps = 6
+    c.train.warmup_steps = 1
+    c.train.lr = 1e-3
+    c.eval.every_steps = 3
+    c.eval.batch_size = 32
+    c.checkpoint_every_steps = 3
+  return c.lock()

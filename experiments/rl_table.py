@@ -1,0 +1,12 @@
+r"""RL vs SFT over seeds; see configs/ml100k_rl_table.py.
+
+  python experiments/rl_table.py --config configs/ml100k_rl_table.py \
+      --workdir runs/ml100k_rl
+"""
+
+from taiji_jax import launch
+from taiji_jax.rl import experiment
+
+if __name__ == "__main__":
+  launch.entry_point(experiment.run, "configs/ml100k_rl_table.py",
+                     "RL-vs-SFT table config.")

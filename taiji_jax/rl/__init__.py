@@ -1,0 +1,1 @@
+"""RL alignment: rollouts, rewards, policy objectives, reward weighting."""

@@ -1,0 +1,506 @@
+"""The RL stage: align the SFT SID-LLM with rewards; resumable.
+
+`train_and_evaluate(config, workdir)` is the whole stage (the absl entry
+point `experiments/train_rl.py`, the pipeline's `rl` stage and notebooks
+call it). It reads
+
+  the SFT run     `config.sft_workdir` (default `<workdir>/../sft`): its
+                  config, vocabulary, SIDs and best-valid parameters, which
+                  start the policy and stay frozen as the reference;
+  the SASRec run  `config.sasrec_workdir` (default `<sft>/../sasrec`): the
+                  collaborative preference reward;
+  item texts      encoded by `config.text_encoder` for the semantic reward
+                  (the sids stage's cached embeddings are reused when they
+                  were made by the same encoder from the same texts);
+
+and writes into the workdir:
+
+  config.json     the config (a resumed run must use the same one)
+  embeddings/     the item text embeddings, if computed here
+  checkpoints/    orbax: RL train state (params, optimizer, reward weights)
+                  and the best-valid parameters, every
+                  `checkpoint_every_steps` steps and at the end
+  metrics.jsonl   one record per RL step: every reward's batch statistics,
+                  the combined reward, loss, KL to the reference, clip
+                  fraction, entropy, gradient norm, skipped updates, the
+                  reward weights; valid metrics at evaluations (process 0)
+  results.json    {"valid", "test"} of the best-valid parameters in the
+                  format of the other stages, plus "test_last" (the final
+                  parameters) and "sft" (the SFT model, same evaluation)
+
+Training prompts are each user's last `prompts_per_user` training targets
+(history = the items before), never the valid/test items. Step s uses the
+prompts of a permutation seeded by (seed, epoch) and the rollout key
+fold_in(key(seed), s), so a resumed run repeats the uninterrupted one.
+Evaluation is the SFT stage's (trie-constrained beam, history excluded) plus
+the semantic and preference rewards of the top-1 item and the mean over the
+top 10 (`reward/semantic@1`, ...).
+
+Robustness: rollouts with a non-finite reward are masked out and counted;
+a step where more than `max_nonfinite_frac` of the rollouts have one stops
+the run with an error naming the reward. Updates with a non-finite loss or
+gradient are skipped in-graph (no NaN reaches the parameters);
+`max_skipped_steps` consecutive steps with every update skipped stop the
+run. Groups whose rewards are all equal get zero advantage (logged as
+`groups/zero_variance`).
+
+Resume order: the latest checkpoint in `<workdir>/checkpoints`, else the
+SFT parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from taiji_jax import sharding
+from taiji_jax.cot import data as cot_data
+from taiji_jax.evaluate import full_ranking
+from taiji_jax.generate import think as think_lib
+from taiji_jax.rl import objectives as obj_lib
+from taiji_jax.rl import rewards as rewards_lib
+from taiji_jax.rl import rollout as rollout_lib
+from taiji_jax.rl import train_step as step_lib
+from taiji_jax.rl import weighting
+from taiji_jax.train import build_sids
+from taiji_jax.train import checkpointing
+from taiji_jax.train import loop
+from taiji_jax.train import metric_writer
+from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import sft
+from taiji_jax.train import sft_data
+from taiji_jax.train import sft_eval
+from taiji_jax.train import workdir as workdir_lib
+
+EVAL_REWARDS = ("semantic", "preference")
+
+
+def sft_dir(config, workdir) -> pathlib.Path:
+  if config.sft_workdir:
+    return pathlib.Path(config.sft_workdir)
+  return pathlib.Path(workdir).absolute().parent / "sft"
+
+
+def sasrec_dir(config, sft_workdir: pathlib.Path) -> pathlib.Path:
+  if config.sasrec_workdir:
+    return pathlib.Path(config.sasrec_workdir)
+  return sft_workdir.absolute().parent / "sasrec"
+
+
+def objective_config(config) -> obj_lib.ObjectiveConfig:
+  """The objective's paper defaults, with `config.loss` fields >= 0 over
+  them (-1 keeps the default)."""
+  base = obj_lib.defaults(config.objective)
+  overrides = {k: float(v) for k, v in config.loss.items() if v >= 0}
+  unknown = set(overrides) - set(base.__dataclass_fields__)
+  if unknown:
+    raise ValueError(f"config.loss has unknown fields {sorted(unknown)}.")
+  return obj_lib.ObjectiveConfig(**{**base.__dict__, **overrides})
+
+
+def rollout_config(config) -> rollout_lib.RolloutConfig:
+  return rollout_lib.RolloutConfig(**config.rollout.to_dict())
+
+
+def item_embeddings(config, sft_config, dataset,
+                    workdir: pathlib.Path) -> np.ndarray:
+  """(I + 1, D) L2-normalised text embeddings of every item; row 0 zeros.
+
+  Reuses the sids stage's `embeddings/content.npz` when its cache key
+  (encoder, path, hash of the item texts) matches, else encodes into
+  `<workdir>/embeddings/content.npz`.
+  """
+  enc = config.text_encoder
+  cfg = ml_collections.ConfigDict({
+      "progress_bar": bool(config.progress_bar),
+      "representation": {
+          "text_encoder": enc.to_dict()
+      },
+  })
+  sids_workdir = sft.sids_dir(sft_config, sft_dir(config, workdir))
+  texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
+  cached = build_sids.cached_key(sids_workdir / "embeddings" / "content.npz")
+  source = sids_workdir if cached == build_sids.content_key(enc, texts) else (
+      workdir)
+  x = build_sids.content_embeddings(cfg, dataset, source)
+  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return np.concatenate([np.zeros((1, x.shape[1]), np.float32), x])
+
+
+def load_sasrec(path: pathlib.Path, dataset):
+  """(graphdef, params, max_len) of the preference model, checked."""
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(
+        f"the preference reward needs a trained SASRec in {path} (no "
+        "config.json); run the sasrec stage or set config.sasrec_workdir.")
+  model, sasrec_config = sasrec_trainer.load_scorer(path)
+  if sasrec_config.dataset.name != dataset.name or (
+      model.cfg.num_items != dataset.num_items):
+    raise ValueError(f"{path}: SASRec was trained on "
+                     f"{sasrec_config.dataset.name!r} with "
+                     f"{model.cfg.num_items} items, the SFT model on "
+                     f"{dataset.name!r} with {dataset.num_items}.")
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params, int(sasrec_config.max_len)
+
+
+def right_align(histories: np.ndarray, length: int) -> np.ndarray:
+  """The last `length` columns of right-aligned histories (zero-padded)."""
+  h = histories.shape[1]
+  if h >= length:
+    return histories[:, h - length:]
+  return np.pad(histories, ((0, 0), (length - h, 0)))
+
+
+def training_prompts(config, sft_config, data: sft.Data,
+                     pref_len: int) -> dict[str, np.ndarray]:
+  """{"prompts", "seen", "targets", "users", "pref_histories"} of every RL
+  prompt: each user's last `prompts_per_user` training targets."""
+  longest = max(len(s) for s in data.split["train"]["sequences"])
+  ex = cot_data.next_item_examples(data.split, int(config.prompts_per_user),
+                                   max(longest, 1))
+  prompts = sft_data.prompt_rows(
+      ex["histories"],
+      ex["users"],
+      data.item_tokens,
+      data.prefixes,
+      sft_config.max_items,
+      sft_config.max_prefix,
+      data.vocab.pad_id,
+      titles=data.titles,
+      max_title=sft_config.history_titles)
+  return {
+      "prompts": prompts,
+      "seen": ex["histories"],
+      "targets": ex["targets"],
+      "users": ex["users"],
+      "pref_histories": right_align(ex["histories"], pref_len),
+  }
+
+
+def eval_parts(sft_config, data: sft.Data,
+               pref_len: int) -> dict[str, dict[str, np.ndarray]]:
+  """valid/test with prompts in "histories" and SASRec's "pref_histories"."""
+  pref_split = data.dataset.split_leave_one_out(pref_len)
+  out = {}
+  for part in ("valid", "test"):
+    p = sft._eval_split(data.split[part], data.item_tokens, data.prefixes,  # pylint: disable=protected-access
+                        sft_config, data.vocab.pad_id, data.titles)
+    if not np.array_equal(pref_split[part]["users"], p["users"]):
+      raise AssertionError(f"{part}: the two splits list different users.")
+    p["pref_histories"] = pref_split[part]["histories"]
+    out[part] = p
+  return out
+
+
+def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef):
+  """`step({"policy", "tables"}, batch)`: the SFT evaluation plus the
+  semantic / preference rewards of the top-1 and top-10 items."""
+  base = sft_eval.make_eval_step(
+      sft_config,
+      graphdef,
+      data.sids,
+      data.vocab,
+      data.dataset,
+      format_check=False,
+      return_items=True)
+  names = [n for n in EVAL_REWARDS if n != "preference" or sasrec_graphdef]
+  reward_fn = rewards_lib.make_reward_fn(names, sasrec_graphdef)
+  depth = min(10, max(sft_config.eval.ks))
+
+  def step(both, batch):
+    out, items_bk = base(both["policy"], batch)
+    per_rank = []
+    for j in range(depth):
+      inputs = rewards_lib.RewardInputs(
+          items=items_bk[:, j],
+          targets=batch["targets"],
+          seen=batch["seen_items"],
+          pref_histories=batch["pref_histories"],
+          format_ok=jnp.ones_like(batch["targets"], bool),
+          beam_items=jnp.zeros((items_bk.shape[0], 0), jnp.int32))
+      per_rank.append(reward_fn(both["tables"], inputs))
+    r_bjk = jnp.stack(per_rank, 1)
+    for k, name in enumerate(names):
+      out[f"reward/{name}@1"] = r_bjk[:, 0, k]
+      out[f"reward/{name}@{depth}"] = r_bjk[:, :, k].mean(1)
+    return out
+
+  return step
+
+
+def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def check_step(config, step: int, m: dict[str, float], names, meta) -> None:
+  """The host's robustness checks after an RL step (module docstring).
+
+  Raises:
+    FloatingPointError: too many non-finite rewards, or too many steps in a
+      row whose every update was skipped.
+  """
+  if m["reward/nonfinite_rows"] > config.max_nonfinite_frac:
+    bad = {
+        n: m[f"reward/{n}/nonfinite"]
+        for n in names
+        if m[f"reward/{n}/nonfinite"] > 0
+    }
+    raise FloatingPointError(
+        f"RL step {step}: {m['reward/nonfinite_rows']:.0%} of the rollouts "
+        f"have a non-finite reward (more than config.max_nonfinite_frac="
+        f"{config.max_nonfinite_frac}); non-finite fraction per reward: "
+        f"{bad}. Check those reward functions.")
+  if m["reward/nonfinite_rows"] > 0:
+    logging.warning("RL step %d: %.1f%% of rollouts had a non-finite reward "
+                    "and were masked out.", step,
+                    100 * m["reward/nonfinite_rows"])
+  if m["skipped"] >= m["updates"]:
+    meta["skipped_in_a_row"] += 1
+    logging.warning("RL step %d: every update skipped (non-finite loss or "
+                    "gradient).", step)
+    if meta["skipped_in_a_row"] >= config.max_skipped_steps:
+      raise FloatingPointError(
+          f"RL step {step}: {meta['skipped_in_a_row']} steps in a row had a "
+          "non-finite loss or gradient in every update; parameters were kept "
+          "at their last finite values (checkpoints are intact). Lower "
+          "config.train.lr or check the rewards.")
+  else:
+    meta["skipped_in_a_row"] = 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: os.PathLike | str) -> dict[str, Any]:
+  """Runs (or resumes) the RL stage; returns what results.json holds."""
+  start = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_or_check_config(workdir, config)
+  # The settings first, so a bad one fails before any loading.
+  names = rewards_lib.check_names(config.rewards)
+  rcfg = rollout_config(config)
+  ocfg = objective_config(config)
+  w0 = weighting.initial_weights(names, dict(config.weights))
+  weight_rule = weighting.get(config.weighting)
+  rewards_lib.check_names(names)
+  src = sft_dir(config, workdir)
+  sft_config, data = sft.load_data(src)
+  vocab, sids, dataset = data.vocab, data.sids, data.dataset
+  needs_sasrec = "preference" in names or config.eval_preference
+  sasrec_graphdef, sasrec_params, pref_len = None, None, sft_config.max_items
+  if needs_sasrec:
+    sasrec_graphdef, sasrec_params, pref_len = load_sasrec(
+        sasrec_dir(config, src), dataset)
+  tables = {"item_embeddings": item_embeddings(config, sft_config, dataset,
+                                               workdir)}
+  if sasrec_params is not None:
+    tables["sasrec_params"] = sasrec_params
+
+  # The SFT run's mesh and sharding rules (its config.json).
+  decoder, setup = sft.load_decoder(src, data)
+  mesh = setup.mesh
+  rules = tuple(tuple(r) for r in sft_config.sharding_rules)
+  graphdef = setup.graphdef
+  # The reward tables are small: replicated on every device of the mesh.
+  tables = jax.device_put(
+      tables,
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  ref_params = setup.copy_params(nnx.state(decoder, nnx.Param))
+
+  prompts = training_prompts(config, sft_config, data, pref_len)
+  num_prompts = len(prompts["targets"])
+  b = int(config.train.batch_size)
+  steps_per_epoch = num_prompts // b
+  if steps_per_epoch < 1:
+    raise ValueError(f"config.train.batch_size={b} is larger than the "
+                     f"{num_prompts} RL prompts.")
+  num_steps = int(config.train.num_steps)
+  updates = num_steps * int(config.train.epochs) * int(
+      config.train.num_minibatches)
+  tx = sasrec_trainer.make_optimizer(config, updates)
+  init = lambda p: step_lib.init_state(p, tx, w0)
+  state_shardings = sharding.tree_shardings(
+      jax.eval_shape(init, ref_params), mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    state = jax.jit(init, out_shardings=state_shardings)(ref_params)
+
+  allowed_v, markers = None, None
+  if rcfg.think:
+    allowed_v = jnp.asarray(
+        think_lib.think_token_mask(vocab.size, vocab.text_offset,
+                                   vocab.think_end_id))
+    markers = dict(
+        think_id=vocab.think_id,
+        think_end_id=vocab.think_end_id,
+        answer_id=vocab.answer_id)
+  reward_fn = rewards_lib.make_reward_fn(names, sasrec_graphdef)
+  rollout_fn = jax.jit(
+      rollout_lib.make_rollout_fn(
+          graphdef,
+          rcfg,
+          sids.trie,
+          sids.paths,
+          vocab.level_offsets,
+          reward_fn,
+          pad_id=vocab.pad_id,
+          markers=markers,
+          allowed_v=allowed_v))
+  keep_groups = int(config.train.keep_groups)
+  train_step = jax.jit(
+      step_lib.make_train_step(
+          graphdef,
+          tx,
+          rcfg,
+          vocab.level_offsets,
+          names,
+          objective=config.objective,
+          objective_cfg=ocfg,
+          weight_rule=weight_rule,
+          advantage=config.advantage,
+          num_minibatches=int(config.train.num_minibatches),
+          epochs=int(config.train.epochs),
+          keep_groups=keep_groups,
+          allowed_v=allowed_v,
+          seed=int(config.seed)),
+      in_shardings=(state_shardings, None, None),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,))
+  copy_params = jax.jit(
+      lambda p: jax.tree.map(jnp.copy, p),
+      out_shardings=state_shardings["params"])
+  put = setup.put_batch
+  eval_step = jax.jit(make_eval_step(sft_config, graphdef, data,
+                                     sasrec_graphdef))
+  parts = eval_parts(sft_config, data, pref_len)
+  put_eval = sft.eval_putter(setup, vocab.pad_id)
+
+  def evaluate(params, part):
+    with sharding.use_mesh(mesh, rules):
+      return full_ranking.evaluate(eval_step, {
+          "policy": params,
+          "tables": tables
+      }, parts[part], int(config.eval.batch_size), put_eval)
+
+  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
+  best_params = copy_params(state["params"])
+  meta = {
+      "step": 0,
+      "best": -1.0,
+      "best_step": 0,
+      "skipped_in_a_row": 0,
+      "sft_valid": None,
+      "done": False
+  }
+  if ckpt.latest_step() is not None:
+    abstract = checkpointing.abstract_like(
+        {
+            "state": state,
+            "best_params": best_params
+        }, {
+            "state": state_shardings,
+            "best_params": state_shardings["params"]
+        })
+    restored, meta = ckpt.restore(abstract)
+    state, best_params = restored["state"], restored["best_params"]
+    logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
+  metric = config.eval.early_stop_metric
+  every_eval = int(config.eval.every_steps)
+  if meta["sft_valid"] is None and every_eval:
+    meta["sft_valid"] = evaluate(ref_params, "valid")
+    meta["best"] = meta["sft_valid"][metric]
+    writer.write(0, {f"valid/{k}": v for k, v in meta["sft_valid"].items()})
+    logging.info("SFT valid %s: %.4f", metric, meta["best"])
+
+  every_ckpt = int(config.checkpoint_every_steps)
+  progress = tqdm.trange(
+      meta["step"],
+      num_steps,
+      initial=meta["step"],
+      total=num_steps,
+      desc=f"rl {config.objective}",
+      unit="step",
+      disable=meta["done"] or not config.progress_bar)
+  with sharding.use_mesh(mesh, rules):
+    for step in progress:
+      if meta["done"]:
+        break
+      loop.maybe_inject_fault(step)
+      t0 = time.perf_counter()
+      epoch, pos = divmod(step, steps_per_epoch)
+      order = np.random.default_rng([int(config.seed),
+                                     epoch]).permutation(num_prompts)
+      idx = order[pos * b:(pos + 1) * b]
+      batch = put({k: v[idx] for k, v in prompts.items()})
+      key = jax.random.fold_in(jax.random.key(int(config.seed)), step)
+      roll, rewards_nk = rollout_fn(state["params"], ref_params, tables,
+                                    batch, key)
+      state, m = train_step(state, roll, rewards_nk)
+      m = _host_metrics(m)
+      m["seconds"] = time.perf_counter() - t0
+      check_step(config, step + 1, m, names, meta)
+      meta["step"] = step + 1
+      done = meta["step"] == num_steps
+      if every_eval and (meta["step"] % every_eval == 0 or done):
+        t1 = time.perf_counter()
+        valid = evaluate(state["params"], "valid")
+        m.update({f"valid/{k}": v for k, v in valid.items()})
+        m["valid/seconds"] = time.perf_counter() - t1
+        if valid[metric] > meta["best"]:
+          meta.update(best=valid[metric], best_step=meta["step"])
+          best_params = copy_params(state["params"])
+          meta["best_valid"] = valid
+      writer.write(meta["step"], m)
+      progress.set_postfix(
+          reward=f"{m['reward/combined/mean']:.3f}", kl=f"{m['kl']:.4f}")
+      meta["done"] = done
+      if done or (every_ckpt and meta["step"] % every_ckpt == 0):
+        ckpt.save(meta["step"], {
+            "state": state,
+            "best_params": best_params
+        }, meta)
+    progress.close()
+  ckpt.close()
+  if not every_eval:  # no selection: the final parameters
+    best_params, meta["best_step"] = state["params"], meta["step"]
+    meta["best_valid"] = evaluate(best_params, "valid")
+    meta["sft_valid"] = evaluate(ref_params, "valid")
+  results = {
+      "valid": meta.get("best_valid") or meta["sft_valid"],
+      "test": evaluate(best_params, "test"),
+      "test_last": evaluate(state["params"], "test"),
+      "sft": {
+          "valid": meta["sft_valid"],
+          "test": evaluate(ref_params, "test")
+      },
+      "best_step": meta["best_step"],
+      "steps": meta["step"],
+      "objective": config.objective,
+      "objective_config": dict(ocfg.__dict__),
+      "rewards": names,
+      "weighting": config.weighting,
+      "final_weights": dict(
+          zip(names, np.asarray(state["reward_weights"]).tolist())),
+      "sft_workdir": str(src),
+      "seconds": time.perf_counter() - start,
+  }
+  if jax.process_index() == 0:
+    metric_writer.write_json_atomic(workdir / "results.json", results)
+  return results
+
+
+def read_metrics(workdir: os.PathLike | str) -> list[dict[str, Any]]:
+  """The records of `<workdir>/metrics.jsonl`."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
