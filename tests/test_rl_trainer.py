@@ -171,3 +171,62 @@ def test_bad_settings_are_named(stages, tmp_path):
     trainer.train_and_evaluate(
         _config("ml100k_rl.py", sft_workdir=str(tmp_path / "none")),
         tmp_path / "c")
+
+
+def test_reasoning_rollouts_with_dynamic_sampling_and_the_hit_beam(
+    stages, tmp_path):
+  """DAPO with think-then-answer rollouts, the beam `hit` reward and
+  dynamic sampling (8 groups drawn, the 4 most informative updated on)."""
+  config = _config(
+      "ml100k_rl.py", "smoke,think,objective=dapo", **{
+          "sft_workdir": str(stages / "sft"),
+          "rewards": ("hit", "format", "semantic"),
+          "weights": {
+              "hit": 1.0,
+              "format": 1.0,
+              "semantic": 1.0
+          },
+          "rollout.hit_beams": 3,
+          "train.keep_groups": 4,
+          "train.num_steps": 2,
+          "eval.every_steps": 0,
+      })
+  results = trainer.train_and_evaluate(config, tmp_path / "rl")
+  records = trainer.read_metrics(tmp_path / "rl")
+  assert [r["step"] for r in records] == [1, 2]
+  for r in records:
+    assert 0.0 <= r["think/closed"] <= 1.0
+    assert 0.0 <= r["think/length"] <= config.rollout.max_think
+    # format = the rationale was closed by the model itself.
+    assert r["reward/format/mean"] == pytest.approx(r["think/closed"])
+    assert r["weights/hit"] == pytest.approx(1 / 3)
+    assert r["skipped"] == 0 and np.isfinite(r["loss"])
+  assert results["objective_config"]["eps_high"] == 0.28  # clip-higher
+  assert results["test"]["legal_items"] == 1.0
+
+
+def test_training_prompts_end_before_each_users_last_training_item(stages):
+  from taiji_jax.rl import data as rl_data  # pylint: disable=g-import-not-at-top
+  sft_config, data = sft.load_data(stages / "sft")
+  config = _config("ml100k_rl.py")
+  p = rl_data.training_prompts(config, sft_config, data, pref_len=7)
+  train = data.split["train"]
+  last = {int(u): s for u, s in zip(train["users"], train["sequences"])}
+  levels = data.item_tokens.shape[1]
+  for i, u in enumerate(p["users"]):
+    seq = last[int(u)]
+    # The target is the last training item, never a valid or test one.
+    assert p["targets"][i] == seq[-1]
+    seen = p["seen"][i][p["seen"][i] > 0]
+    np.testing.assert_array_equal(seen, seq[:-1])
+    # The prompt ends with the SID of the item just before the target.
+    np.testing.assert_array_equal(p["prompts"][i, -levels:],
+                                  data.item_tokens[seq[-2]])
+    hist = p["pref_histories"][i]
+    assert hist.shape == (7,)
+    np.testing.assert_array_equal(hist[hist > 0], seq[:-1][-7:])
+  parts = rl_data.eval_parts(sft_config, data, pref_len=7)
+  for part in ("valid", "test"):
+    np.testing.assert_array_equal(parts[part]["users"],
+                                  data.split[part]["users"])
+    assert parts[part]["pref_histories"].shape[1] == 7

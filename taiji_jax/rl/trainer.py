@@ -65,26 +65,20 @@ import numpy as np
 import tqdm
 
 from taiji_jax import sharding
-from taiji_jax.cot import data as cot_data
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.generate import think as think_lib
+from taiji_jax.rl import data as rl_data
 from taiji_jax.rl import objectives as obj_lib
 from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import rollout as rollout_lib
 from taiji_jax.rl import train_step as step_lib
 from taiji_jax.rl import weighting
-from taiji_jax.train import build_sids
 from taiji_jax.train import checkpointing
 from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft
-from taiji_jax.train import sft_data
-from taiji_jax.train import sft_eval
 from taiji_jax.train import workdir as workdir_lib
-
-EVAL_REWARDS = ("semantic", "preference")
-
 
 def sft_dir(config, workdir) -> pathlib.Path:
   if config.sft_workdir:
@@ -111,133 +105,6 @@ def objective_config(config) -> obj_lib.ObjectiveConfig:
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:
   return rollout_lib.RolloutConfig(**config.rollout.to_dict())
-
-
-def item_embeddings(config, sft_config, dataset,
-                    workdir: pathlib.Path) -> np.ndarray:
-  """(I + 1, D) L2-normalised text embeddings of every item; row 0 zeros.
-
-  Reuses the sids stage's `embeddings/content.npz` when its cache key
-  (encoder, path, hash of the item texts) matches, else encodes into
-  `<workdir>/embeddings/content.npz`.
-  """
-  enc = config.text_encoder
-  cfg = ml_collections.ConfigDict({
-      "progress_bar": bool(config.progress_bar),
-      "representation": {
-          "text_encoder": enc.to_dict()
-      },
-  })
-  sids_workdir = sft.sids_dir(sft_config, sft_dir(config, workdir))
-  texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
-  cached = build_sids.cached_key(sids_workdir / "embeddings" / "content.npz")
-  source = sids_workdir if cached == build_sids.content_key(enc, texts) else (
-      workdir)
-  x = build_sids.content_embeddings(cfg, dataset, source)
-  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return np.concatenate([np.zeros((1, x.shape[1]), np.float32), x])
-
-
-def load_sasrec(path: pathlib.Path, dataset):
-  """(graphdef, params, max_len) of the preference model, checked."""
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(
-        f"the preference reward needs a trained SASRec in {path} (no "
-        "config.json); run the sasrec stage or set config.sasrec_workdir.")
-  model, sasrec_config = sasrec_trainer.load_scorer(path)
-  if sasrec_config.dataset.name != dataset.name or (
-      model.cfg.num_items != dataset.num_items):
-    raise ValueError(f"{path}: SASRec was trained on "
-                     f"{sasrec_config.dataset.name!r} with "
-                     f"{model.cfg.num_items} items, the SFT model on "
-                     f"{dataset.name!r} with {dataset.num_items}.")
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params, int(sasrec_config.max_len)
-
-
-def right_align(histories: np.ndarray, length: int) -> np.ndarray:
-  """The last `length` columns of right-aligned histories (zero-padded)."""
-  h = histories.shape[1]
-  if h >= length:
-    return histories[:, h - length:]
-  return np.pad(histories, ((0, 0), (length - h, 0)))
-
-
-def training_prompts(config, sft_config, data: sft.Data,
-                     pref_len: int) -> dict[str, np.ndarray]:
-  """{"prompts", "seen", "targets", "users", "pref_histories"} of every RL
-  prompt: each user's last `prompts_per_user` training targets."""
-  longest = max(len(s) for s in data.split["train"]["sequences"])
-  ex = cot_data.next_item_examples(data.split, int(config.prompts_per_user),
-                                   max(longest, 1))
-  prompts = sft_data.prompt_rows(
-      ex["histories"],
-      ex["users"],
-      data.item_tokens,
-      data.prefixes,
-      sft_config.max_items,
-      sft_config.max_prefix,
-      data.vocab.pad_id,
-      titles=data.titles,
-      max_title=sft_config.history_titles)
-  return {
-      "prompts": prompts,
-      "seen": ex["histories"],
-      "targets": ex["targets"],
-      "users": ex["users"],
-      "pref_histories": right_align(ex["histories"], pref_len),
-  }
-
-
-def eval_parts(sft_config, data: sft.Data,
-               pref_len: int) -> dict[str, dict[str, np.ndarray]]:
-  """valid/test with prompts in "histories" and SASRec's "pref_histories"."""
-  pref_split = data.dataset.split_leave_one_out(pref_len)
-  out = {}
-  for part in ("valid", "test"):
-    p = sft._eval_split(data.split[part], data.item_tokens, data.prefixes,  # pylint: disable=protected-access
-                        sft_config, data.vocab.pad_id, data.titles)
-    if not np.array_equal(pref_split[part]["users"], p["users"]):
-      raise AssertionError(f"{part}: the two splits list different users.")
-    p["pref_histories"] = pref_split[part]["histories"]
-    out[part] = p
-  return out
-
-
-def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef):
-  """`step({"policy", "tables"}, batch)`: the SFT evaluation plus the
-  semantic / preference rewards of the top-1 and top-10 items."""
-  base = sft_eval.make_eval_step(
-      sft_config,
-      graphdef,
-      data.sids,
-      data.vocab,
-      data.dataset,
-      format_check=False,
-      return_items=True)
-  names = [n for n in EVAL_REWARDS if n != "preference" or sasrec_graphdef]
-  reward_fn = rewards_lib.make_reward_fn(names, sasrec_graphdef)
-  depth = min(10, max(sft_config.eval.ks))
-
-  def step(both, batch):
-    out, items_bk = base(both["policy"], batch)
-    per_rank = []
-    for j in range(depth):
-      inputs = rewards_lib.RewardInputs(
-          items=items_bk[:, j],
-          targets=batch["targets"],
-          seen=batch["seen_items"],
-          pref_histories=batch["pref_histories"],
-          format_ok=jnp.ones_like(batch["targets"], bool),
-          beam_items=jnp.zeros((items_bk.shape[0], 0), jnp.int32))
-      per_rank.append(reward_fn(both["tables"], inputs))
-    r_bjk = jnp.stack(per_rank, 1)
-    for k, name in enumerate(names):
-      out[f"reward/{name}@1"] = r_bjk[:, 0, k]
-      out[f"reward/{name}@{depth}"] = r_bjk[:, :, k].mean(1)
-    return out
-
-  return step
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -300,10 +167,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   needs_sasrec = "preference" in names or config.eval_preference
   sasrec_graphdef, sasrec_params, pref_len = None, None, sft_config.max_items
   if needs_sasrec:
-    sasrec_graphdef, sasrec_params, pref_len = load_sasrec(
+    sasrec_graphdef, sasrec_params, pref_len = rl_data.load_sasrec(
         sasrec_dir(config, src), dataset)
-  tables = {"item_embeddings": item_embeddings(config, sft_config, dataset,
-                                               workdir)}
+  tables = {
+      "item_embeddings":
+          rl_data.item_embeddings(config, sft.sids_dir(sft_config, src),
+                                  dataset, workdir)
+  }
   if sasrec_params is not None:
     tables["sasrec_params"] = sasrec_params
 
@@ -318,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   ref_params = setup.copy_params(nnx.state(decoder, nnx.Param))
 
-  prompts = training_prompts(config, sft_config, data, pref_len)
+  prompts = rl_data.training_prompts(config, sft_config, data, pref_len)
   num_prompts = len(prompts["targets"])
   b = int(config.train.batch_size)
   steps_per_epoch = num_prompts // b
@@ -380,9 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       lambda p: jax.tree.map(jnp.copy, p),
       out_shardings=state_shardings["params"])
   put = setup.put_batch
-  eval_step = jax.jit(make_eval_step(sft_config, graphdef, data,
+  eval_step = jax.jit(rl_data.make_eval_step(sft_config, graphdef, data,
                                      sasrec_graphdef))
-  parts = eval_parts(sft_config, data, pref_len)
+  parts = rl_data.eval_parts(sft_config, data, pref_len)
   put_eval = sft.eval_putter(setup, vocab.pad_id)
 
   def evaluate(params, part):
