@@ -15,9 +15,10 @@ min-max-normalised score of the answer for the user), combines them with
 `weights` (`weighting="fixed"`), and takes `train.epochs` x
 `train.num_minibatches` optimizer steps on `objective`.
 
-The results of the README's "RL alignment" table (3 seeds, RL vs SFT) are
-made by `make rl-table` (experiments/rl_table.py); measured numbers and
-times are there.
+Expected (README "RL alignment", `make rl-table`: 3 seeds, 2 CPU cores,
+520-796 s per run beside other jobs): test semantic reward of the top-1
+item 0.500 ± 0.020 after the last step vs the SFT model's 0.454 ± 0.010,
+preference reward 0.874 vs 0.876, NDCG@10 0.0523 vs 0.0518 (within noise).
 
 Variants (after the colon): `smoke` (synthetic data, tiny decoder, a few
 steps; reads the smoke pipeline's runs), `objective=<name>` (grpo, dr_grpo,
