@@ -160,3 +160,56 @@ def scale_weights(weights: jax.Array, n: jax.Array) -> jax.Array:
   sum 1 (the direction is the same up to a positive factor)."""
   raw = weights / n
   return raw / jnp.maximum(jnp.sum(raw), 1e-30)
+
+
+def objective_gradients(forward, heads, primal):
+  """Gradients of K objectives in one forward and one vmapped VJP.
+
+  Args:
+    forward: primal -> out (any pytree), e.g. parameters -> the rollouts'
+      token log-probs, or (MGDA-UB) final hidden states -> log-probs.
+    heads: out -> (K,) the K objectives' losses as functions of `out`
+      (cheap: the expensive part is `forward`).
+    primal: the pytree differentiated (parameters or hidden states).
+
+  Returns:
+    (losses (K,), grads: the primal's pytree with a leading K axis, out).
+    `forward` runs once; its VJP is applied to the K cotangents
+    d loss_k / d out with `jax.vmap`, not K backward passes.
+  """
+  out, vjp = jax.vjp(forward, primal)
+  losses, head_vjp = jax.vjp(heads, out)
+  k = losses.shape[0]
+  cotangents = jax.vmap(head_vjp)(jnp.eye(k, dtype=losses.dtype))[0]
+  grads = jax.vmap(vjp)(cotangents)[0]
+  return losses, grads, out
+
+
+def gram_matrix(grads, select=None) -> jax.Array:
+  """(K, K) Gram matrix <g_i, g_j> of stacked gradients (leading K axis).
+
+  `select`, a pytree of bools shaped like one gradient's structure (or a
+  function path -> bool of `jax.tree_util.keystr` paths), restricts the
+  inner products to a subset of the leaves (e.g. the last layers). Under
+  jit with sharded gradients each leaf's contraction is a local product plus
+  a reduction that XLA inserts, so the result is the same as unsharded.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  if callable(select):
+    keep = [bool(select(jax.tree_util.keystr(p))) for p, _ in leaves]
+  elif select is not None:
+    keep = [bool(x) for x in jax.tree.leaves(select)]
+    if len(keep) != len(leaves):
+      raise ValueError(f"select has {len(keep)} leaves, the gradients "
+                       f"{len(leaves)}.")
+  else:
+    keep = [True] * len(leaves)
+  chosen = [g for (_, g), use in zip(leaves, keep) if use]
+  if not chosen:
+    raise ValueError("select keeps no gradient leaf.")
+  k = chosen[0].shape[0]
+  total = jnp.zeros((k, k), jnp.float32)
+  for g in chosen:
+    flat = g.reshape(k, -1).astype(jnp.float32)
+    total = total + flat @ flat.T
+  return total
