@@ -218,19 +218,24 @@ def test_reasoning_rollout_layout_and_logprobs(model, sids, batch):
   np.testing.assert_array_equal(rewards[:, 1], closed * 1.0)
 
 
-def test_allowed_masks_mark_rows_that_leave_the_trie(sids):
-  codes = np.asarray(sids.codes)[1:3].copy()
-  # Row 1 takes a first-level code with no items under it, if any.
-  used = set(np.asarray(sids.codes)[1:, 0].tolist())
-  free = [c for c in range(SIZES[0]) if c not in used]
-  masks = constrained.allowed_masks(sids.trie, jnp.asarray(codes))
-  for l in range(len(SIZES)):
-    assert np.asarray(masks[l])[0, codes[0, l]]
-  if free:
-    codes[1, 0] = free[0]
-    masks = constrained.allowed_masks(sids.trie, jnp.asarray(codes))
-    assert not np.asarray(masks[1])[1].any()
-    assert not np.asarray(masks[2])[1].any()
+def test_allowed_masks_follow_the_trie_along_given_codes(sids):
+  all_codes = np.asarray(sids.codes)[1:]
+  # Row 1 ends in a last-level code that no item has under its prefix.
+  used = {tuple(c) for c in all_codes.tolist()}
+  leave = [(c, f) for c in all_codes.tolist() for f in range(SIZES[2])
+           if (c[0], c[1], f) not in used]
+  assert leave, "the fixture's trie has no missing last-level edge"
+  (prefix, free) = leave[0]
+  codes = np.stack([all_codes[0], [prefix[0], prefix[1], free]])
+  masks = [np.asarray(m) for m in
+           constrained.allowed_masks(sids.trie, jnp.asarray(codes))]
+  for row in range(2):
+    for l in range(len(SIZES)):
+      # The allowed set is exactly the codes items have under the prefix.
+      want = {c[l] for c in all_codes.tolist()
+              if tuple(c[:l]) == tuple(codes[row, :l])}
+      assert set(np.flatnonzero(masks[l][row])) == want
+  assert masks[2][0, codes[0, 2]] and not masks[2][1, codes[1, 2]]
 
 
 def _train_step(model,

@@ -78,6 +78,7 @@ from taiji_jax.train import loop
 from taiji_jax.train import metric_writer
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft
+from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
 def sft_dir(config, workdir) -> pathlib.Path:
@@ -160,7 +161,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ocfg = objective_config(config)
   w0 = weighting.initial_weights(names, dict(config.weights))
   weight_rule = weighting.get(config.weighting)
-  rewards_lib.check_names(names)
   src = sft_dir(config, workdir)
   sft_config, data = sft.load_data(src)
   vocab, sids, dataset = data.vocab, data.sids, data.dataset
@@ -246,9 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       in_shardings=(state_shardings, None, None),
       out_shardings=(state_shardings, None),
       donate_argnums=(0,))
-  copy_params = jax.jit(
-      lambda p: jax.tree.map(jnp.copy, p),
-      out_shardings=state_shardings["params"])
+  copy_params = train_state.params_copier(state_shardings)
   put = setup.put_batch
   eval_step = jax.jit(rl_data.make_eval_step(sft_config, graphdef, data,
                                      sasrec_graphdef))
@@ -263,8 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       }, parts[part], int(config.eval.batch_size), put_eval)
 
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-  best_params = copy_params(state["params"])
-  meta = {
+  state, best_params, saved, resumed = checkpointing.resume_training(
+      ckpt, state, copy_params(state["params"]), state_shardings)
+  meta = saved if resumed else {
       "step": 0,
       "best": -1.0,
       "best_step": 0,
@@ -272,18 +271,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "sft_valid": None,
       "done": False
   }
-  if ckpt.latest_step() is not None:
-    abstract = checkpointing.abstract_like(
-        {
-            "state": state,
-            "best_params": best_params
-        }, {
-            "state": state_shardings,
-            "best_params": state_shardings["params"]
-        })
-    restored, meta = ckpt.restore(abstract)
-    state, best_params = restored["state"], restored["best_params"]
-    logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
   writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
   metric = config.eval.early_stop_metric
   every_eval = int(config.eval.every_steps)
@@ -302,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       desc=f"rl {config.objective}",
       unit="step",
       disable=meta["done"] or not config.progress_bar)
+  order_epoch, order = -1, None
   with sharding.use_mesh(mesh, rules):
     for step in progress:
       if meta["done"]:
@@ -309,8 +297,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       loop.maybe_inject_fault(step)
       t0 = time.perf_counter()
       epoch, pos = divmod(step, steps_per_epoch)
-      order = np.random.default_rng([int(config.seed),
-                                     epoch]).permutation(num_prompts)
+      if epoch != order_epoch:  # one permutation per epoch
+        order_epoch = epoch
+        order = np.random.default_rng([int(config.seed),
+                                       epoch]).permutation(num_prompts)
       idx = order[pos * b:(pos + 1) * b]
       batch = put({k: v[idx] for k, v in prompts.items()})
       key = jax.random.fold_in(jax.random.key(int(config.seed)), step)

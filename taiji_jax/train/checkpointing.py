@@ -74,7 +74,8 @@ def resume_training(ckpt: "Checkpoints", state: Any, best_params: Any,
   Returns:
     (state, best_params, meta, resumed); `meta` holds the loop counters
     (epoch, best valid metric, its epoch, evaluations without improvement,
-    done) plus whatever the trainer saved with them.
+    done) plus whatever the trainer saved with them; on a resume it is the
+    saved meta as it was (a step-based trainer saves its own counters).
   """
   meta = {
       "epoch": 0,
@@ -93,6 +94,6 @@ def resume_training(ckpt: "Checkpoints", state: Any, best_params: Any,
       "best_params": state_shardings["params"]
   })
   restored, meta = ckpt.restore(abstract)
-  logging.info("resumed from %s at epoch %d (step %d)", ckpt.directory,
-               meta["epoch"], int(restored["state"]["step"]))
+  logging.info("resumed from %s at step %d (meta %s)", ckpt.directory,
+               int(restored["state"]["step"]), meta)
   return restored["state"], restored["best_params"], meta, True
