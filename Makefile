@@ -10,7 +10,7 @@ WORKDIR ?= runs/ml100k
 CONFIG ?= configs/ml100k.py
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench cot-ablation rl-table format clean
+.PHONY: install run test test-fast bench cot-ablation rl-table pareto format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ cot-ablation: $(STAMP)
 # and sids stages of `make run`.
 rl-table: $(STAMP)
 	$(PY) experiments/rl_table.py --config=configs/ml100k_rl_table.py --workdir=runs/ml100k_rl
+
+# Fixed weights vs POPO, POPO-light and MGDA over 3 seeds (README, "Pareto
+# front"); needs the sasrec and sids stages of `make run`.
+pareto: $(STAMP)
+	$(PY) experiments/pareto.py --config=configs/ml100k_pareto.py --workdir=runs/ml100k_pareto
 
 format: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"

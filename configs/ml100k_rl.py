@@ -12,7 +12,8 @@ Each step draws `rollout.group_size` trie-constrained answers for each of
 `train.batch_size` training prompts, scores them with the `rewards`
 (semantic: MiniLM cosine of answer and target item; preference: SASRec's
 min-max-normalised score of the answer for the user), combines them with
-`weights` (`weighting="fixed"`), and takes `train.epochs` x
+`weights` (`weighting="fixed"`; or the adaptive `popo`, `popo_light`,
+`mgda` rules with `weighting_cfg`, README "Pareto front"), and takes `train.epochs` x
 `train.num_minibatches` optimizer steps on `objective`.
 
 Expected (README "RL alignment", `make rl-table`: 3 seeds, 2 CPU cores,
@@ -44,8 +45,19 @@ def get_config(arg=None):
   c.prompts_per_user = 1  # each user's last training targets
 
   c.rewards = ("semantic", "preference")
-  c.weighting = "fixed"
+  c.weighting = "fixed"  # or popo_light / popo / mgda
+  # The starting weights (and the fixed ones).
   c.weights = ml_collections.ConfigDict({"semantic": 0.5, "preference": 0.5})
+  # Settings of the gradient-based rules (taiji_jax.rl.weighting.make).
+  c.weighting_cfg = ml_collections.ConfigDict(
+      dict(
+          gradients="params",  # or "hidden": MGDA-UB
+          layers="all",  # or "last:N" or "re:<regex>"
+          groups=0,  # rollout groups the gradients are taken on (0: all)
+          eta=-1.0,  # popo step size (< 0: train.lr)
+          mu=1e-5,  # popo regulariser (the step is eta * I / mu)
+          normalization="",  # "": none for popo, l2 for mgda
+          min_weight=0.0))
   # Report the preference reward in evaluation even when not trained on.
   c.eval_preference = True
   c.text_encoder = ml_collections.ConfigDict({
@@ -87,6 +99,8 @@ def get_config(arg=None):
   c.eval.every_steps = 15
   c.eval.batch_size = 128
   c.eval.early_stop_metric = "ndcg@10"  # picks the reported parameters
+  # Also evaluate the SFT (reference) model on valid and test.
+  c.eval.reference_model = True
 
   c.checkpoint_every_steps = 15
   c.max_nonfinite_frac = 0.25

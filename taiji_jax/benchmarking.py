@@ -8,6 +8,8 @@ tables. What they share lives here:
 - `environment_fields`, `memory_fields`: the device, host and software a
   result was measured on, and its peak host and device memory.
 - `write_result`: `<workdir>/<name>.json`, and the JSON and the row printed.
+- `level_offsets`, `random_inputs`: the SID token layout of `text.vocab`
+  and random left-padded prompts with seen items (decoding benchmarks).
 - `define_sft_flags`, `sft_from_flags`: the flags of the SFT benchmarks
   (`--config`, `--preset`, `--overrides`, ...) and the decoder and mesh they
   give. By default that is the model of the SFT config (e.g.
@@ -27,6 +29,7 @@ from absl import flags
 import jax
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
@@ -223,3 +226,29 @@ def sft_from_flags(**overrides: Any) -> SftBench:
   axes = parse_mesh(f.mesh) if f.mesh else config.mesh.to_dict()
   return SftBench(config, codebooks, f.preset or config.model.preset, model_cfg,
                   sharding.make_mesh(axes))
+
+
+def level_offsets(codebooks: Sequence[int]) -> tuple[int, ...]:
+  """Token id of code 0 of each level in the `text.vocab` layout."""
+  return tuple(
+      int(o) for o in NUM_SPECIALS +
+      np.concatenate([[0], np.cumsum(codebooks)[:-1]]))
+
+
+def random_inputs(num_users: int,
+                  prompt_len: int,
+                  vocab_size: int,
+                  num_items: int,
+                  history: int,
+                  pad_id: int = 0,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+  """Left-padded random prompts (B, T) and distinct seen items (B, H)."""
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(1, vocab_size, (num_users, prompt_len), np.int32)
+  pad = rng.integers(0, max(prompt_len // 4, 1), num_users)
+  prompts[np.arange(prompt_len)[None, :] < pad[:, None]] = pad_id
+  seen = np.stack([
+      rng.choice(num_items, min(history, num_items), replace=False) + 1
+      for _ in range(num_users)
+  ]).astype(np.int32)
+  return {"prompts": prompts, "seen": seen}

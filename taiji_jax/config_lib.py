@@ -50,6 +50,16 @@ def load_config_file(path: str | pathlib.Path,
   return module.get_config(arg)
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"a.b.c": leaf} of a nested dict (the keys `with_overrides` takes)."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
 def with_overrides(config: ml_collections.ConfigDict,
                    **dotted: Any) -> ml_collections.ConfigDict:
   """A locked copy of `config` with `a.b.c=value` fields replaced.

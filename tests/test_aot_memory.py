@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from taiji_jax import benchmarking
 from taiji_jax import config_lib
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
@@ -130,7 +131,7 @@ def test_beam_search_bench_runs_and_excludes_history():
   sids = bench.random_semantic_ids(20, codebooks)
   assert sids.num_items == 20
   assert np.all(sids.codes[1:, -1] < 3)
-  offsets = bench.level_offsets(codebooks)
+  offsets = benchmarking.level_offsets(codebooks)
   assert offsets == (8, 16)
   cfg = _cfg(vocab_size=8 + sum(codebooks) + 10)
   r = bench.run(
@@ -146,3 +147,28 @@ def test_beam_search_bench_runs_and_excludes_history():
       compiler_options=FAST)
   assert r["users_per_s"] > 0 and r["batch_ms"] > 0
   assert bench.markdown_row(r).startswith("| cpu")
+
+
+def test_popo_cost_bench_times_every_rule_against_single_reward_grpo():
+  bench = _load("popo_cost")
+  codebooks = (5, 4, 3)
+  cfg = _cfg(vocab_size=8 + sum(codebooks) + 10)
+  r = bench.run(
+      cfg,
+      codebooks,
+      num_items=30,
+      batch_size=4,
+      group_size=2,
+      prompt_len=6,
+      repeats=2,
+      mesh=_one_device(),
+      compiler_options=FAST)
+  assert list(r["rules"]) == list(bench.RULES)
+  base = r["rules"][bench.BASELINE]
+  assert base["train_step_ratio"] == 1.0 and base["rl_step_ratio"] == 1.0
+  for x in r["rules"].values():
+    assert x["train_step_ms"] > 0 and len(x["times_ms"]) == 2
+  assert r["rollouts"] == 8 and r["rollout_ms"] > 0
+  assert bench.markdown_rows(r).splitlines()[0].startswith("| grpo_1_reward")
+  with pytest.raises(ValueError, match="unknown rules"):
+    bench.run(cfg, codebooks, rules=("gapo",), mesh=_one_device())

@@ -254,7 +254,7 @@ def _train_step(model,
       names,
       objective=objective,
       objective_cfg=objectives.defaults(objective),
-      weight_rule=weighting.fixed,
+      weight_rule=weighting.make("fixed"),
       num_minibatches=minibatches)
   weights = jnp.full((len(names),), 1.0 / len(names))
   return jax.jit(step), step_lib.init_state(params, tx, weights)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from taiji_jax.rl import popo
 from taiji_jax.rl import weighting
 
 
@@ -13,9 +14,10 @@ def test_popo_light_is_the_mean_coefficient_of_variation_by_hand():
   r = np.array([[0.2, 1.0], [0.4, 1.0], [0.6, 1.0],
                 [0.5, 0.0], [0.5, 2.0], [9.9, 9.9]], np.float32)
   valid = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  rule = weighting.make("popo_light")
   w = np.asarray(
-      jax.jit(weighting.popo_light, static_argnums=3)(
-          jnp.asarray([0.5, 0.5]), jnp.asarray(r), jnp.asarray(valid), 3))
+      jax.jit(lambda w, r, v: rule(w, weighting.Signals(r, v, 3)))(
+          jnp.asarray([0.5, 0.5]), jnp.asarray(r), jnp.asarray(valid)))
   cv = np.zeros(2)
   for k in range(2):
     per_group = []
@@ -29,7 +31,7 @@ def test_popo_light_is_the_mean_coefficient_of_variation_by_hand():
 def test_popo_light_keeps_the_weights_when_nothing_varies():
   r = jnp.ones((4, 2))
   w = weighting.popo_light(
-      jnp.asarray([0.3, 0.7]), r, jnp.ones((4,)), 2)
+      jnp.asarray([0.3, 0.7]), weighting.Signals(r, jnp.ones((4,)), 2))
   np.testing.assert_allclose(w, [0.3, 0.7])
 
 
@@ -45,3 +47,67 @@ def test_initial_weights_and_rule_names():
     weighting.initial_weights(["a", "b"], [1.0, -1.0])
   with pytest.raises(ValueError, match="unknown reward weighting"):
     weighting.get("mgda_typo")
+  with pytest.raises(ValueError, match="needs gradients"):
+    weighting.make("popo", gradients="none")
+  with pytest.raises(ValueError, match="mu > 0"):
+    weighting.make("popo", mu=0.0)
+  with pytest.raises(ValueError, match="normalisation"):
+    weighting.make("mgda", normalization="l1")
+  with pytest.raises(ValueError, match="gradients must be"):
+    weighting.make("mgda", gradients="activations")
+  assert weighting.make("fixed").gradients == "none"
+  assert weighting.make("popo_light").gradients == "none"
+  assert weighting.make("mgda", gradients="hidden").gradients == "hidden"
+
+
+def _signals(gram, losses=None):
+  return weighting.Signals(jnp.zeros((4, 2)), jnp.ones(4), 2,
+                           jnp.asarray(gram, jnp.float32), losses)
+
+
+def test_popo_is_an_exponentiated_gradient_step_by_hand():
+  gram = np.array([[4.0, -1.0, 0.5], [-1.0, 1.0, 0.2], [0.5, 0.2, 2.0]])
+  w0 = np.array([0.2, 0.5, 0.3])
+  eta, mu = 2e-4, 1e-3
+  w = weighting.popo(jnp.asarray(w0), _signals(gram), eta, mu)
+  raw = w0 * np.exp(eta * gram.sum(1) / mu)
+  np.testing.assert_allclose(w, raw / raw.sum(), rtol=1e-6)
+  # The objective most aligned with the sum of gradients gains weight.
+  assert np.argmax(np.asarray(w) / w0) == np.argmax(gram.sum(1))
+  # eta = 0 keeps the weights; a huge step stays finite (log-space).
+  np.testing.assert_allclose(
+      weighting.popo(jnp.asarray(w0), _signals(gram), 0.0, mu), w0,
+      rtol=1e-6)
+  big = weighting.popo(jnp.asarray(w0), _signals(gram), 1e6, 1e-6)
+  assert np.isfinite(big).all() and np.argmax(big) == 0
+  # min_weight keeps every weight off 0.
+  floor = weighting.popo(jnp.asarray(w0), _signals(gram), 1e6, 1e-6,
+                         min_weight=0.05)
+  assert np.asarray(floor).min() == pytest.approx(0.05, abs=1e-6)
+  assert float(jnp.sum(floor)) == pytest.approx(1.0)
+  # A non-finite Gram matrix keeps the weights.
+  nan = weighting.popo(jnp.asarray(w0), _signals(gram * np.nan), eta, mu)
+  np.testing.assert_allclose(nan, w0, rtol=1e-6)
+
+
+def test_mgda_rule_is_the_min_norm_point_of_the_normalised_gradients():
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(3, 7))
+  g[2] *= 10.0  # one gradient much larger
+  gram = g @ g.T
+  w0 = jnp.full((3,), 1 / 3)
+  raw = weighting.mgda(w0, _signals(gram), "none")
+  np.testing.assert_allclose(raw, popo.min_norm_weights(jnp.asarray(gram)),
+                             atol=1e-6)
+  l2 = np.asarray(weighting.mgda(w0, _signals(gram), "l2"))
+  n = np.linalg.norm(g, axis=1)
+  unit = np.asarray(popo.min_norm_weights(jnp.asarray(gram / np.outer(n, n))))
+  np.testing.assert_allclose(l2, (unit / n) / (unit / n).sum(), rtol=1e-5)
+  # On raw gradients the large one gets little weight; normalised, the
+  # direction is the min-norm point of the unit vectors.
+  d = l2 @ g
+  cos = (g @ d) / (n * np.linalg.norm(d))
+  assert np.all(cos > 0)
+  # An all-zero (Pareto-stationary everywhere) Gram matrix keeps weights.
+  np.testing.assert_allclose(
+      weighting.mgda(w0, _signals(np.zeros((3, 3))), "l2"), w0)

@@ -68,31 +68,6 @@ def random_semantic_ids(num_items: int,
   return sid_lib.SemanticIds(codes, tuple(codebooks))
 
 
-def level_offsets(codebooks: Sequence[int]) -> tuple[int, ...]:
-  """Token id of code 0 of each level in the `text.vocab` layout."""
-  return tuple(
-      int(o) for o in benchmarking.NUM_SPECIALS +
-      np.concatenate([[0], np.cumsum(codebooks)[:-1]]))
-
-
-def random_inputs(num_users: int,
-                  prompt_len: int,
-                  vocab_size: int,
-                  num_items: int,
-                  history: int,
-                  seed: int = 0) -> dict[str, np.ndarray]:
-  """Left-padded random prompts (B, T) and distinct seen items (B, H)."""
-  rng = np.random.default_rng(seed)
-  prompts = rng.integers(1, vocab_size, (num_users, prompt_len), np.int32)
-  pad = rng.integers(0, max(prompt_len // 4, 1), num_users)
-  prompts[np.arange(prompt_len)[None, :] < pad[:, None]] = PAD_ID
-  seen = np.stack([
-      rng.choice(num_items, min(history, num_items), replace=False) + 1
-      for _ in range(num_users)
-  ]).astype(np.int32)
-  return {"prompts": prompts, "seen": seen}
-
-
 def run(model_cfg: decoder_lib.DecoderConfig,
         sids: sid_lib.SemanticIds,
         offsets: Sequence[int],
@@ -141,8 +116,10 @@ def run(model_cfg: decoder_lib.DecoderConfig,
   inputs = [
       jax.tree.map(
           put,
-          random_inputs(batch_size, prompt_len, model_cfg.vocab_size,
-                        sids.num_items, history, seed + i)) for i in range(2)
+          benchmarking.random_inputs(batch_size, prompt_len,
+                                     model_cfg.vocab_size, sids.num_items,
+                                     history, PAD_ID, seed + i))
+      for i in range(2)
   ]
   with sharding.use_mesh(mesh, rules):
     t0 = time.perf_counter()
@@ -218,7 +195,7 @@ def main(argv):
   batch_size = f.batch_size or config.eval.batch_size
   num_beams = f.num_beams or max(config.eval.ks)
   result = {"preset": bench.preset}
-  result |= run(bench.model_cfg, sids, level_offsets(codebooks), batch_size,
+  result |= run(bench.model_cfg, sids, benchmarking.level_offsets(codebooks), batch_size,
                 prompt_len, num_beams, f.history, f.batches, bench.mesh)
   benchmarking.write_result(f.workdir, "beam_search", result,
                             markdown_row(result))

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taiji_jax.evaluate import figures
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.train import sft_data
 
@@ -309,19 +310,13 @@ def plot_ppl_histogram(ppl,
   """Writes a PNG histogram of the finite PPLs (log-spaced bins) with R.
 
   Accepted and rejected candidates are stacked in two colours (`accepted`
-  default: `accept(ppl, r)`). Uses a bare Agg `Figure`, so the global
-  matplotlib backend and pyplot state are untouched.
+  default: `accept(ppl, r)`). (`evaluate.figures`: a bare Agg canvas.)
   """
-  # pylint: disable=g-import-not-at-top
-  from matplotlib import figure
-  from matplotlib.backends import backend_agg
   ppl = np.asarray(ppl, np.float64).reshape(-1)
   accepted = accept(ppl, r) if accepted is None else np.asarray(accepted, bool)
   finite = np.isfinite(ppl) & (ppl > 0)
   values = ppl[finite]
-  fig = figure.Figure(figsize=(6, 4), dpi=100)
-  backend_agg.FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, ax = figures.new(figsize=(6, 4))
   if values.size:
     lo, hi = values.min(), values.max()
     edges = np.geomspace(lo, hi if hi > lo else lo * 1.01, bins + 1)
@@ -338,11 +333,7 @@ def plot_ppl_histogram(ppl,
   ax.set_xlabel("perplexity of the answer SID tokens")
   ax.set_ylabel("candidates")
   ax.legend()
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png")
-  return path
+  return figures.save(fig, path)
 
 
 def write_report(directory: os.PathLike | str, ppl, accepted, prompt_ids,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from taiji_jax.generate import constrained
 from taiji_jax.generate import recommend
 from taiji_jax.generate import think as think_lib
+from taiji_jax.rl import objectives as obj_lib
 from taiji_jax.rl import rewards as rewards_lib
 
 NEG_INF = constrained.NEG_INF
@@ -55,6 +56,8 @@ class RolloutConfig:
     hit_beams: width of the beam after the reasoning for the `hit` reward
       (0: none; `hit` then checks the sampled item).
     renormalise: log-probs over the allowed tokens (module docstring).
+    keep_hidden: keep the behaviour policy's final hidden states of the
+      completion (`Rollout.hidden`, for MGDA-UB weighting).
   """
   group_size: int = 8
   temperature: float = 1.0
@@ -62,6 +65,7 @@ class RolloutConfig:
   max_think: int = 32
   hit_beams: int = 0
   renormalise: bool = True
+  keep_hidden: bool = False
 
   def __post_init__(self):
     if self.group_size < 2:
@@ -94,6 +98,9 @@ class Rollout(NamedTuple):
     think_length: (N,) int32 rationale tokens (0 without reasoning).
     targets, users: (N,) int32 of the prompt; seen (N, H); pref_histories
       (N, L).
+    hidden: (N, C, D) the behaviour policy's final hidden states that
+      predict the completion tokens (`RolloutConfig.keep_hidden`; else
+      None).
   """
   tokens: jax.Array
   attention: jax.Array
@@ -109,6 +116,7 @@ class Rollout(NamedTuple):
   users: jax.Array
   seen: jax.Array
   pref_histories: jax.Array
+  hidden: jax.Array | None = None
 
 
 def _masked_logp(logits_nv, target_n, mask_nv):
@@ -123,29 +131,33 @@ def _masked_logp(logits_nv, target_n, mask_nv):
   return jnp.where(any_n, logp_n, 0.0), jnp.where(any_n, entropy_n, 0.0)
 
 
-def completion_logprobs(model,
-                        tokens_ns: jax.Array,
-                        attention_ns: jax.Array,
-                        think_mask_nc: jax.Array,
-                        sid_masks: Sequence[jax.Array],
-                        allowed_v: jax.Array | None,
-                        level_offsets: Sequence[int],
-                        temperature: float = 1.0,
-                        renormalise: bool = True,
-                        dropout_rng: jax.Array | None = None):
-  """Teacher-forced log-probs and entropies of the completion tokens.
-
-  The completion is the last C = `think_mask_nc.shape[1]` tokens, its last
-  L = len(sid_masks) tokens the SID. Returns ((N, C) log-probs, (N, C)
-  entropies) of the sampling distribution (module docstring); entries at
-  forced tokens are those of the full softmax and should be masked out.
-  """
-  n, c = think_mask_nc.shape
-  levels = len(sid_masks)
-  h_ncd = model.hidden(
+def completion_hidden(model,
+                      tokens_ns: jax.Array,
+                      attention_ns: jax.Array,
+                      num_completion: int,
+                      dropout_rng: jax.Array | None = None) -> jax.Array:
+  """(N, C, D) final hidden states that predict the C completion tokens."""
+  h_nsd = model.hidden(
       tokens_ns[:, :-1],
       attention_mask_bt=attention_ns[:, :-1],
-      dropout_rng=dropout_rng)[:, -c:]
+      dropout_rng=dropout_rng)
+  return h_nsd[:, -num_completion:]
+
+
+def logprobs_from_hidden(model,
+                         h_ncd: jax.Array,
+                         tokens_ns: jax.Array,
+                         think_mask_nc: jax.Array,
+                         sid_masks: Sequence[jax.Array],
+                         allowed_v: jax.Array | None,
+                         level_offsets: Sequence[int],
+                         temperature: float = 1.0,
+                         renormalise: bool = True):
+  """((N, C) log-probs, (N, C) entropies) of the completion tokens from the
+  hidden states that predict them (`completion_logprobs`; the LM head and
+  the masked softmax only, which is all MGDA-UB differentiates)."""
+  n, c = think_mask_nc.shape
+  levels = len(sid_masks)
   logits_ncv = model.logits_from_hidden(h_ncd) / temperature
   target_nc = tokens_ns[:, -c:]
   v = logits_ncv.shape[-1]
@@ -174,6 +186,36 @@ def completion_logprobs(model,
     logps.append(lp[:, None])
     ents.append(en[:, None])
   return jnp.concatenate(logps, 1), jnp.concatenate(ents, 1)
+
+
+def completion_logprobs(model,
+                        tokens_ns: jax.Array,
+                        attention_ns: jax.Array,
+                        think_mask_nc: jax.Array,
+                        sid_masks: Sequence[jax.Array],
+                        allowed_v: jax.Array | None,
+                        level_offsets: Sequence[int],
+                        temperature: float = 1.0,
+                        renormalise: bool = True,
+                        dropout_rng: jax.Array | None = None,
+                        return_hidden: bool = False):
+  """Teacher-forced log-probs and entropies of the completion tokens.
+
+  The completion is the last C = `think_mask_nc.shape[1]` tokens, its last
+  L = len(sid_masks) tokens the SID. Returns ((N, C) log-probs, (N, C)
+  entropies) of the sampling distribution (module docstring), and with
+  `return_hidden` also the (N, C, D) hidden states they come from; entries
+  at forced tokens are those of the full softmax and should be masked out.
+  """
+  h_ncd = completion_hidden(model, tokens_ns, attention_ns,
+                            think_mask_nc.shape[1], dropout_rng)
+  logp, entropy = logprobs_from_hidden(model, h_ncd, tokens_ns,
+                                       think_mask_nc, sid_masks, allowed_v,
+                                       level_offsets, temperature,
+                                       renormalise)
+  if return_hidden:
+    return logp, entropy, h_ncd
+  return logp, entropy
 
 
 def make_rollout_fn(graphdef,
@@ -207,12 +249,14 @@ def make_rollout_fn(graphdef,
   if cfg.think and (markers is None or allowed_v is None):
     raise ValueError("reasoning rollouts need the marker ids and allowed_v.")
 
-  def logprobs(params, roll_tokens, attention, think_mask, sid_masks):
+  def logprobs(params, roll_tokens, attention, think_mask, sid_masks,
+               hidden=False):
     model = nnx.merge(graphdef, params)
-    logp, _ = completion_logprobs(model, roll_tokens, attention, think_mask,
-                                  sid_masks, allowed_v, offsets,
-                                  cfg.temperature, cfg.renormalise)
-    return jax.lax.stop_gradient(logp)
+    out = completion_logprobs(model, roll_tokens, attention, think_mask,
+                              sid_masks, allowed_v, offsets, cfg.temperature,
+                              cfg.renormalise, return_hidden=hidden)
+    logp = jax.lax.stop_gradient(out[0])
+    return (logp, jax.lax.stop_gradient(out[2])) if hidden else (logp, None)
 
   def rollout(params, ref_params, tables, batch, key):
     model = nnx.merge(graphdef, params)
@@ -294,8 +338,10 @@ def make_rollout_fn(graphdef,
       think_mask = jnp.zeros((n, levels), bool)
       closed = jnp.ones((n,), bool)
       length = jnp.zeros((n,), jnp.int32)
-    old_logp = logprobs(params, tokens, attention, think_mask, sid_masks)
-    ref_logp = logprobs(ref_params, tokens, attention, think_mask, sid_masks)
+    old_logp, hidden = logprobs(params, tokens, attention, think_mask,
+                                sid_masks, cfg.keep_hidden)
+    ref_logp, _ = logprobs(ref_params, tokens, attention, think_mask,
+                           sid_masks)
     roll = Rollout(
         tokens=tokens,
         attention=attention,
@@ -310,7 +356,8 @@ def make_rollout_fn(graphdef,
         targets=rep(batch["targets"]),
         users=rep(batch["users"]),
         seen=seen,
-        pref_histories=rep(batch["pref_histories"]))
+        pref_histories=rep(batch["pref_histories"]),
+        hidden=hidden)
     inputs = rewards_lib.RewardInputs(
         items=items,
         targets=roll.targets,
@@ -337,3 +384,34 @@ def policy_logprobs(graphdef, cfg: RolloutConfig, level_offsets,
                                dropout_rng)
 
   return fn
+
+
+def policy_head(graphdef, cfg: RolloutConfig, level_offsets,
+                allowed_v: jax.Array | None = None):
+  """`fn(params, hidden (N, C, D), roll) -> logp (N, C)`: the log-probs of a
+  `Rollout`'s completion from given final hidden states (MGDA-UB)."""
+  offsets = tuple(int(o) for o in level_offsets)
+
+  def fn(params, h_ncd, roll: Rollout):
+    model = nnx.merge(graphdef, params)
+    return logprobs_from_hidden(model, h_ncd, roll.tokens, roll.think_mask,
+                                roll.sid_masks, allowed_v, offsets,
+                                cfg.temperature, cfg.renormalise)[0]
+
+  return fn
+
+
+def policy_batch(roll: Rollout, logp: jax.Array, advantages: jax.Array,
+                 rewards: jax.Array, valid: jax.Array,
+                 group_size: int) -> obj_lib.PolicyBatch:
+  """The objectives' view of (a slice of) a `Rollout` under log-probs
+  `logp` of the current policy."""
+  return obj_lib.PolicyBatch(
+      logp=logp,
+      old_logp=roll.old_logp,
+      ref_logp=roll.ref_logp,
+      mask=roll.loss_mask,
+      advantages=advantages,
+      rewards=rewards,
+      valid=valid,
+      group_size=group_size)

@@ -10,7 +10,11 @@ rewards. In order:
 1. rows with a non-finite reward are masked out (never averaged, never in a
    group statistic, never in the loss);
 2. the weighting rule (`rl/weighting.py`) gives the reward weights from the
-   state's current ones; the combined reward is `rewards @ w`;
+   state's current ones and this batch; the gradient-based rules (popo,
+   mgda) first get the Gram matrix of the per-reward policy gradients at
+   the step's parameters (`rl/reward_gradients.py`: one forward, one
+   vmapped VJP). The combined reward is `rewards @ w`, and the update below
+   is one optimizer step per minibatch on the objective of that reward;
 3. advantages: group-normalised (`rl/advantages.py`; the objective's
    default, or `gdpo`: per-reward normalisation);
 4. DAPO-style dynamic sampling (`keep_groups` > 0): the batch holds more
@@ -35,8 +39,10 @@ import optax
 
 from taiji_jax.rl import advantages as adv_lib
 from taiji_jax.rl import objectives as obj_lib
+from taiji_jax.rl import reward_gradients
 from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import rollout as rollout_lib
+from taiji_jax.rl import weighting
 
 
 def _masked_mean(x, mask):
@@ -74,7 +80,8 @@ def make_train_step(graphdef,
     reward_names: the reward columns' names (for the logs).
     objective: a name of `objectives.OBJECTIVES`.
     objective_cfg: its settings.
-    weight_rule: `weighting.get(name)`.
+    weight_rule: a `weighting.WeightRule` (`weighting.make(name, ...)`), or
+      a plain `fn(weights_k, signals) -> weights_k` that needs no gradients.
     advantage: "auto" (the objective's default), "std", "center", "none"
       or "gdpo".
     num_minibatches: minibatches per pass (divides the updated groups).
@@ -93,6 +100,19 @@ def make_train_step(graphdef,
   logprob_fn = rollout_lib.policy_logprobs(graphdef, rollout_cfg,
                                            level_offsets, allowed_v)
   names = list(reward_names)
+  if not isinstance(weight_rule, weighting.WeightRule):
+    weight_rule = weighting.WeightRule("custom", weight_rule)
+  gram_fn = None
+  if weight_rule.gradients != "none":
+    gram_fn = reward_gradients.make_gram_fn(
+        graphdef,
+        rollout_cfg,
+        level_offsets,
+        objective=objective,
+        objective_cfg=objective_cfg,
+        advantage_kind=kind,
+        rule=weight_rule,
+        allowed_v=allowed_v)
 
   def train_step(state, roll: rollout_lib.Rollout, rewards_nk: jax.Array):
     n = roll.items.shape[0]
@@ -100,7 +120,13 @@ def make_train_step(graphdef,
     finite_n = rewards_lib.finite_rows(rewards_nk)
     safe_nk = jnp.where(finite_n[:, None], rewards_nk, 0.0)
     valid_n = finite_n.astype(jnp.float32)
-    weights_k = weight_rule(state["reward_weights"], safe_nk, valid_n, g)
+    signals = weighting.Signals(safe_nk, valid_n, g)
+    grad_metrics = {}
+    if gram_fn is not None:
+      gram, losses = gram_fn(state["params"], roll, safe_nk, valid_n)
+      signals = signals._replace(gram=gram, losses=losses)
+      grad_metrics = reward_gradients.gram_metrics(gram, names)
+    weights_k = weight_rule(state["reward_weights"], signals)
     reward_n = safe_nk @ weights_k
     if kind == "gdpo":
       adv_n = adv_lib.gdpo_advantages(safe_nk, valid_n, g, weights_k)
@@ -132,15 +158,8 @@ def make_train_step(graphdef,
 
       def loss_fn(p):
         logp, entropy = logprob_fn(p, mb_roll)
-        batch = obj_lib.PolicyBatch(
-            logp=logp,
-            old_logp=mb_roll.old_logp,
-            ref_logp=mb_roll.ref_logp,
-            mask=mb_roll.loss_mask,
-            advantages=mb_adv,
-            rewards=mb_reward,
-            valid=mb_valid,
-            group_size=g)
+        batch = rollout_lib.policy_batch(mb_roll, logp, mb_adv, mb_reward,
+                                         mb_valid, g)
         loss, metrics = loss_fn_obj(batch, objective_cfg)
         token_mask = mb_roll.loss_mask * mb_valid[:, None]
         metrics = dict(metrics, entropy=_masked_mean(entropy, token_mask))
@@ -178,6 +197,7 @@ def make_train_step(graphdef,
       metrics["think/length"] = roll.think_length.mean()
     for k, name in enumerate(names):
       metrics[f"weights/{name}"] = weights_k[k]
+    metrics.update(grad_metrics)
     new_state = {
         "params": params,
         "opt_state": opt_state,

@@ -104,8 +104,26 @@ def objective_config(config) -> obj_lib.ObjectiveConfig:
   return obj_lib.ObjectiveConfig(**{**base.__dict__, **overrides})
 
 
-def rollout_config(config) -> rollout_lib.RolloutConfig:
-  return rollout_lib.RolloutConfig(**config.rollout.to_dict())
+def rollout_config(config, keep_hidden: bool = False
+                  ) -> rollout_lib.RolloutConfig:
+  return rollout_lib.RolloutConfig(
+      **config.rollout.to_dict(), keep_hidden=keep_hidden)
+
+
+def weight_rule(config) -> weighting.WeightRule:
+  """`config.weighting` with `config.weighting_cfg` (eta < 0: the RL
+  learning rate, as in Lu et al. 2025's reference code)."""
+  wc = config.weighting_cfg
+  eta = float(wc.eta) if wc.eta >= 0 else float(config.train.lr)
+  return weighting.make(
+      config.weighting,
+      gradients=wc.gradients,
+      layers=wc.layers,
+      groups=int(wc.groups),
+      eta=eta,
+      mu=float(wc.mu),
+      normalization=wc.normalization,
+      min_weight=float(wc.min_weight))
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -157,10 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_lib.write_or_check_config(workdir, config)
   # The settings first, so a bad one fails before any loading.
   names = rewards_lib.check_names(config.rewards)
-  rcfg = rollout_config(config)
+  rule = weight_rule(config)
+  rcfg = rollout_config(config, keep_hidden=rule.gradients == "hidden")
   ocfg = objective_config(config)
   w0 = weighting.initial_weights(names, dict(config.weights))
-  weight_rule = weighting.get(config.weighting)
   src = sft_dir(config, workdir)
   sft_config, data = sft.load_data(src)
   vocab, sids, dataset = data.vocab, data.sids, data.dataset
@@ -236,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           names,
           objective=config.objective,
           objective_cfg=ocfg,
-          weight_rule=weight_rule,
+          weight_rule=rule,
           advantage=config.advantage,
           num_minibatches=int(config.train.num_minibatches),
           epochs=int(config.train.epochs),
@@ -335,15 +353,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if not every_eval:  # no selection: the final parameters
     best_params, meta["best_step"] = state["params"], meta["step"]
     meta["best_valid"] = evaluate(best_params, "valid")
-    meta["sft_valid"] = evaluate(ref_params, "valid")
+    if config.eval.reference_model:
+      meta["sft_valid"] = evaluate(ref_params, "valid")
+  test = evaluate(best_params, "test")
   results = {
       "valid": meta.get("best_valid") or meta["sft_valid"],
-      "test": evaluate(best_params, "test"),
-      "test_last": evaluate(state["params"], "test"),
+      "test": test,
+      # The same parameters without evaluation in between: not again.
+      "test_last": test if not every_eval else evaluate(
+          state["params"], "test"),
+      # The SFT model's own evaluation (config.eval.reference_model; with
+      # evaluation during training its valid metrics are always there).
       "sft": {
           "valid": meta["sft_valid"],
           "test": evaluate(ref_params, "test")
-      },
+      } if config.eval.reference_model else None,
       "best_step": meta["best_step"],
       "steps": meta["step"],
       "objective": config.objective,

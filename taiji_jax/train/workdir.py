@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from taiji_jax import config_lib
 from taiji_jax.train import metric_writer
 
 
@@ -24,7 +25,8 @@ def write_or_check_config(workdir: os.PathLike | str,
   path = pathlib.Path(workdir) / "config.json"
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if path.exists():
-    saved, now = _flat(json.loads(path.read_text())), _flat(current)
+    saved = config_lib.flatten(json.loads(path.read_text()))
+    now = config_lib.flatten(current)
     diff = sorted(
         k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
@@ -33,15 +35,6 @@ def write_or_check_config(workdir: os.PathLike | str,
           "workdir or delete this one to start over.")
   elif jax.process_index() == 0:
     metric_writer.write_json_atomic(path, current)
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flat(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
 
 
 def read_config(workdir: os.PathLike | str) -> dict[str, Any]:

@@ -1,0 +1,325 @@
+"""The Pareto experiment: fixed reward weights against adaptive weighting.
+
+`run(config, workdir)` (`configs/ml100k_pareto.py`, `experiments/pareto.py`,
+`make pareto`) does, for every seed s, into `<workdir>/seed_<s>/`:
+
+  sft/         the SFT stage (`config.sft` with seed s; or one given SFT
+               run, `config.sft_workdir`, for every seed);
+  <variant>/   one RL run from that SFT model per variant: `fixed_<w>` for
+               every semantic weight w in `config.fixed_semantic_weights`
+               (preference weight 1 - w), and one per adaptive rule in
+               `config.adaptive` (its overrides of `config.rl` in
+               `config.rules.<name>`; the weights start at 0.5 / 0.5);
+
+and the seed's results in `seed_results.json` (a finished seed is read from
+there); then, in `<workdir>/`:
+
+  results.json  per seed and variant the test metrics of the final
+                parameters and the weight trajectory; per variant their
+                seed mean and sample std; the hypervolumes;
+  table.md      the table (mean ± std over seeds);
+  front.png     test (semantic reward@1, preference reward@1) of every
+                variant, seed means with std bars and the seeds' points,
+                the fixed-weight front drawn through the fixed points;
+  weights.png   the semantic weight per RL step of the adaptive rules.
+
+Hypervolume (maximising both rewards) is measured against the stated
+reference point `config.reference` (semantic, preference): per seed, of the
+fixed-weight front alone and of the front with each adaptive point added;
+an adaptive rule "extends the front" in a seed when that adds volume, and
+"lands on or beyond it" when no fixed point dominates it. Every stage
+resumes or reuses a finished run, so re-running continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from taiji_jax import config_lib
+from taiji_jax.evaluate import figures
+from taiji_jax.rl import trainer
+from taiji_jax.train import metric_writer
+from taiji_jax.train import sft
+from taiji_jax.train import workdir as workdir_lib
+
+X_METRIC = "reward/semantic@1"
+Y_METRIC = "reward/preference@1"
+TABLE_METRICS = (
+    ("reward/semantic@1", "semantic@1"),
+    ("reward/preference@1", "preference@1"),
+    ("reward/semantic@10", "semantic@10"),
+    ("reward/preference@10", "preference@10"),
+    ("recall@10", "Recall@10"),
+    ("ndcg@10", "NDCG@10"),
+    ("label_acc@1", "genre acc@1"),
+    ("label_jaccard@1", "genre Jaccard@1"),
+)
+
+
+def fixed_name(w: float) -> str:
+  return f"fixed_{w:.2f}"
+
+
+def variants(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
+  """(name, overrides of config.rl) of every RL run of a seed."""
+  out = []
+  for w in config.fixed_semantic_weights:
+    w = float(w)
+    if not 0 <= w <= 1:
+      raise ValueError(f"fixed_semantic_weights: {w} is not in [0, 1].")
+    out.append((fixed_name(w), {
+        "weighting": "fixed",
+        "weights.semantic": w,
+        "weights.preference": 1.0 - w
+    }))
+  for name in config.adaptive:
+    if name not in config.rules:
+      raise ValueError(f"adaptive rule {name!r} has no entry in "
+                       f"config.rules (known: {sorted(config.rules)}).")
+    overrides = {"weighting": name,
+                 **config_lib.flatten(config.rules[name].to_dict())}
+    out.append((name, overrides))
+  names = [n for n, _ in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f"duplicate variants {names}.")
+  return out
+
+
+def weight_trajectory(workdir: os.PathLike | str,
+                      names: Sequence[str]) -> dict[str, list[float]]:
+  """{reward: [weight used at step 1, 2, ...]} from an RL run's metrics."""
+  records = trainer.read_metrics(workdir)
+  return {
+      n: [float(r[f"weights/{n}"]) for r in records if f"weights/{n}" in r]
+      for n in names
+  }
+
+
+def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
+             seed: int) -> dict[str, Any]:
+  """SFT, then every variant's RL run, for one seed."""
+  sft_dir = config.sft_workdir
+  if not sft_dir:
+    sft_dir = root / "sft"
+    sft.train_and_evaluate(
+        config_lib.with_overrides(config.sft, seed=seed), sft_dir)
+  cache = root / "seed_results.json"
+  if cache.is_file():  # this seed is done (its config checked above)
+    return json.loads(cache.read_text())
+  out = {}
+  for i, (name, overrides) in enumerate(variants(config)):
+    # The SFT model is evaluated once per seed, in the first run.
+    rl_config = config_lib.with_overrides(
+        config.rl,
+        seed=seed,
+        sft_workdir=str(sft_dir),
+        **{"eval.reference_model": i == 0},
+        **overrides)
+    results = trainer.train_and_evaluate(rl_config, root / name)
+    if i == 0:
+      out["sft"] = {"test": results["sft"]["test"]}
+    out[name] = {
+        "test": results["test_last"],
+        "valid": results["valid"],
+        "final_weights": results["final_weights"],
+        "weights": weight_trajectory(root / name, results["rewards"]),
+        "seconds": results["seconds"],
+    }
+  metric_writer.write_json_atomic(cache, out)
+  return out
+
+
+def pareto_front(points) -> np.ndarray:
+  """Indices of the non-dominated points (maximising every coordinate).
+
+  p dominates q when p >= q everywhere and p > q somewhere; duplicates keep
+  their first copy.
+  """
+  p = np.asarray(points, np.float64)
+  keep = []
+  for i in range(len(p)):
+    dominated = np.any(
+        np.all(p >= p[i], axis=1) & np.any(p > p[i], axis=1))
+    duplicate = any(np.array_equal(p[j], p[i]) for j in keep)
+    if not dominated and not duplicate:
+      keep.append(i)
+  return np.asarray(keep, np.int64)
+
+
+def hypervolume_2d(points, reference) -> float:
+  """Area dominated by the points and dominating `reference` (maximising
+  both coordinates); points that do not dominate the reference add 0."""
+  p = np.asarray(points, np.float64).reshape(-1, 2)
+  r = np.asarray(reference, np.float64)
+  p = p[np.all(p > r, axis=1)]
+  if not len(p):
+    return 0.0
+  p = p[pareto_front(p)]
+  p = p[np.argsort(-p[:, 0])]  # x descending, so y ascending on the front
+  area, y_prev = 0.0, r[1]
+  for x, y in p:
+    area += (x - r[0]) * (y - y_prev)
+    y_prev = y
+  return float(area)
+
+
+def dominated_by(point, others) -> list[int]:
+  """Indices of `others` that dominate `point`."""
+  o = np.asarray(others, np.float64).reshape(-1, 2)
+  q = np.asarray(point, np.float64)
+  return [
+      int(i)
+      for i in np.flatnonzero(np.all(o >= q, axis=1) & np.any(o > q, axis=1))
+  ]
+
+
+def _xy(test: dict) -> tuple[float, float]:
+  return float(test[X_METRIC]), float(test[Y_METRIC])
+
+
+def summarize(config: ml_collections.ConfigDict,
+              per_seed: dict[int, dict]) -> dict[str, Any]:
+  """Seed statistics per variant and the hypervolume analysis."""
+  names = ["sft"] + [n for n, _ in variants(config)]
+  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  ref = tuple(float(v) for v in config.reference)
+  stats = {}
+  for name in names:
+    tests = [per_seed[s][name]["test"] for s in per_seed]
+    keys = sorted(set.intersection(*(set(t) for t in tests)))
+    stats[name] = {
+        k: workdir_lib.seed_stats(t[k] for t in tests) for k in keys
+    }
+  hv: dict[str, Any] = {"reference": ref, "fixed_front": [], "per_rule": {}}
+  for s in per_seed:
+    front = [_xy(per_seed[s][n]["test"]) for n in fixed]
+    hv["fixed_front"].append(hypervolume_2d(front, ref))
+  for name in config.adaptive:
+    rows = []
+    for i, s in enumerate(per_seed):
+      front = [_xy(per_seed[s][n]["test"]) for n in fixed]
+      point = _xy(per_seed[s][name]["test"])
+      with_point = hypervolume_2d(front + [point], ref)
+      rows.append({
+          "seed": int(s),
+          "point": point,
+          "alone": hypervolume_2d([point], ref),
+          "front_with_point": with_point,
+          "gain": with_point - hv["fixed_front"][i],
+          "dominated_by": [fixed[j] for j in dominated_by(point, front)],
+      })
+    hv["per_rule"][name] = {
+        "seeds": rows,
+        "gain": workdir_lib.seed_stats(r["gain"] for r in rows),
+        "alone": workdir_lib.seed_stats(r["alone"] for r in rows),
+        "on_or_beyond_front": sum(not r["dominated_by"] for r in rows),
+        "extends_front": sum(r["gain"] > 0 for r in rows),
+    }
+  hv["fixed_front_stats"] = workdir_lib.seed_stats(hv["fixed_front"])
+  return {"stats": stats, "hypervolume": hv}
+
+
+def format_table(config: ml_collections.ConfigDict,
+                 summary: dict[str, Any]) -> str:
+  """Markdown: the metrics table, then the hypervolume table."""
+  stats = summary["stats"]
+  rows = [("SFT", stats["sft"])]
+  rows += [(n, stats[n]) for n, _ in variants(config)]
+  table = workdir_lib.seed_table(rows, TABLE_METRICS)
+  hv = summary["hypervolume"]
+  ref = hv["reference"]
+  fs = hv["fixed_front_stats"]
+  n = len(hv["fixed_front"])
+  lines = [
+      "", f"Hypervolume of test (semantic@1, preference@1) against the "
+      f"reference point ({ref[0]:.3f}, {ref[1]:.3f}), mean ± std over {n} "
+      f"seeds; fixed-weight front alone: {fs['mean']:.5f} ± {fs['std']:.5f}.",
+      "", "| rule | its point alone | gain when added to the fixed front | "
+      "seeds on or beyond the front | seeds extending it |",
+      "| --- | --- | --- | --- | --- |"
+  ]
+  for name, r in hv["per_rule"].items():
+    lines.append(f"| {name} | {r['alone']['mean']:.5f} ± "
+                 f"{r['alone']['std']:.5f} | {r['gain']['mean']:.5f} ± "
+                 f"{r['gain']['std']:.5f} | {r['on_or_beyond_front']}/{n} | "
+                 f"{r['extends_front']}/{n} |")
+  return table + "\n" + "\n".join(lines)
+
+
+def plot_front(config: ml_collections.ConfigDict, per_seed: dict[int, dict],
+               summary: dict[str, Any], path: os.PathLike | str):
+  """front.png (module docstring)."""
+  fig, ax = figures.new(figsize=(7, 5))
+  stats = summary["stats"]
+  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  mean = lambda n: (stats[n][X_METRIC]["mean"], stats[n][Y_METRIC]["mean"])
+  std = lambda n: (stats[n][X_METRIC]["std"], stats[n][Y_METRIC]["std"])
+  xs, ys = zip(*(mean(n) for n in fixed))
+  ax.plot(xs, ys, "-", color="tab:gray", zorder=1, label="fixed weights")
+  markers = dict(sft="s", popo="*", popo_light="P", mgda="D", mgda_ub="X")
+  for name in ["sft"] + fixed + list(config.adaptive):
+    (x, y), (sx, sy) = mean(name), std(name)
+    is_fixed = name in fixed
+    ax.errorbar(x, y, xerr=sx, yerr=sy, fmt=markers.get(name, "o"),
+                color="tab:gray" if is_fixed else None, markersize=9,
+                capsize=3, zorder=3,
+                label=None if is_fixed else name)
+    pts = np.asarray([_xy(per_seed[s][name]["test"]) for s in per_seed])
+    ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.4, zorder=2,
+               color="tab:gray" if is_fixed else ax.lines[-1].get_color())
+    if is_fixed:
+      ax.annotate(name.replace("fixed_", "w_sem="), (x, y),
+                  textcoords="offset points", xytext=(5, 5), fontsize=8)
+  ref = summary["hypervolume"]["reference"]
+  ax.set_xlabel(f"test semantic reward of the top-1 item ({X_METRIC})")
+  ax.set_ylabel(f"test preference reward of the top-1 item ({Y_METRIC})")
+  ax.set_title(f"{len(per_seed)} seeds (mean ± std, small dots: seeds); "
+               f"HV reference ({ref[0]:.2f}, {ref[1]:.2f})", fontsize=9)
+  ax.legend(fontsize=8)
+  return figures.save(fig, path)
+
+
+def plot_weights(config: ml_collections.ConfigDict, per_seed: dict[int, dict],
+                 path: os.PathLike | str, reward: str = "semantic"):
+  """weights.png: `reward`'s weight per RL step of each adaptive rule."""
+  fig, ax = figures.new(figsize=(7, 4))
+  for name in config.adaptive:
+    color = None
+    for i, s in enumerate(per_seed):
+      w = per_seed[s][name]["weights"].get(reward, [])
+      line, = ax.plot(np.arange(1, len(w) + 1), w, color=color, alpha=0.8,
+                      label=name if i == 0 else None)
+      color = line.get_color()
+  ax.axhline(0.5, color="tab:gray", linestyle=":", label="start / equal")
+  ax.set_xlabel("RL step")
+  ax.set_ylabel(f"weight of the {reward} reward")
+  ax.set_ylim(0, 1)
+  ax.set_title(f"adaptive weights, {len(per_seed)} seeds (one line each)",
+               fontsize=9)
+  ax.legend(fontsize=8)
+  return figures.save(fig, path)
+
+
+def run(config: ml_collections.ConfigDict,
+        workdir: os.PathLike | str) -> dict[str, Any]:
+  """Every seed and variant, then the reports (module docstring)."""
+  workdir = pathlib.Path(workdir)
+  variants(config)  # a bad variant list fails before any training
+  per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
+  summary = summarize(config, per_seed)
+  table = format_table(config, summary)
+  metric_writer.write_json_atomic(workdir / "results.json", {
+      "per_seed": per_seed,
+      "summary": summary
+  })
+  (workdir / "table.md").write_text(table + "\n")
+  plot_front(config, per_seed, summary, workdir / "front.png")
+  plot_weights(config, per_seed, workdir / "weights.png")
+  print(table)
+  return summary

@@ -1,0 +1,94 @@
+"""The Pareto experiment's analysis: fronts, hypervolumes, variants."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from taiji_jax import config_lib
+from taiji_jax.rl import pareto
+
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
+    "ml100k_pareto.py")
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+  pts = [(1, 5), (2, 4), (2, 2), (3, 1), (1, 5), (0.5, 0.5), (3, 1)]
+  assert pareto.pareto_front(pts).tolist() == [0, 1, 3]
+  assert pareto.dominated_by((2, 2), pts) == [1]
+  assert pareto.dominated_by((3, 1), pts) == []
+
+
+def test_hypervolume_2d_by_hand_and_by_grid():
+  ref = (0.0, 0.0)
+  # Staircase: (3,1), (2,2), (1,3) -> 3*1 + 2*1 + 1*1 = 6.
+  assert pareto.hypervolume_2d([(1, 3), (3, 1), (2, 2)], ref) == 6.0
+  # A dominated point and a point below the reference add nothing.
+  assert pareto.hypervolume_2d([(1, 3), (3, 1), (2, 2), (1, 1), (-1, 9)],
+                               ref) == 6.0
+  assert pareto.hypervolume_2d([], ref) == 0.0
+  rng = np.random.default_rng(0)
+  pts = rng.uniform(0.2, 1.0, (7, 2))
+  r = (0.1, 0.15)
+  xs, ys = np.meshgrid(np.linspace(0, 1, 801), np.linspace(0, 1, 801))
+  cells = np.stack([xs.ravel(), ys.ravel()], 1)
+  covered = np.zeros(len(cells), bool)
+  for p in pts:
+    covered |= np.all(cells <= p, 1)
+  covered &= np.all(cells > r, 1)
+  grid = covered.mean()  # the unit square's area is 1
+  assert pareto.hypervolume_2d(pts, r) == pytest.approx(grid, abs=5e-3)
+
+
+def test_variants_and_their_overrides():
+  config = config_lib.load_config_file(CONFIG)
+  names = [n for n, _ in pareto.variants(config)]
+  assert names == ["fixed_0.00", "fixed_0.25", "fixed_0.50", "fixed_0.75",
+                   "fixed_1.00", "popo", "popo_light", "mgda"]
+  overrides = dict(pareto.variants(config))
+  assert overrides["fixed_0.25"]["weights.preference"] == 0.75
+  assert overrides["popo"]["weighting"] == "popo"
+  assert overrides["popo"]["weighting_cfg.mu"] == 2e-3
+  assert overrides["mgda"]["weighting_cfg.normalization"] == "l2"
+  # Every variant's overrides apply to the RL config.
+  for name, o in pareto.variants(config):
+    config_lib.with_overrides(config.rl, **o)
+  config.unlock()
+  config.adaptive = ("popo", "mgda_ub")
+  assert dict(pareto.variants(config))["mgda_ub"]["weighting"] == "mgda"
+  config.adaptive = ("gapo",)
+  with pytest.raises(ValueError, match="'gapo' has no entry"):
+    pareto.variants(config)
+  config.adaptive = ()
+  config.fixed_semantic_weights = (0.5, 1.5)
+  with pytest.raises(ValueError, match="1.5 is not in"):
+    pareto.variants(config)
+
+
+def test_summary_counts_rules_on_and_beyond_the_front():
+  config = config_lib.load_config_file(CONFIG)
+  config.unlock()
+  config.fixed_semantic_weights = (0.0, 1.0)
+  config.adaptive = ("popo", "mgda")
+  config.reference = (0.0, 0.0)
+  point = lambda x, y: {"test": {pareto.X_METRIC: x, pareto.Y_METRIC: y}}
+  per_seed = {
+      0: {"sft": point(1, 1), "fixed_0.00": point(1, 3),
+          "fixed_1.00": point(3, 1), "popo": point(2, 2),
+          "mgda": point(0.5, 0.5)},
+      1: {"sft": point(1, 1), "fixed_0.00": point(1, 3),
+          "fixed_1.00": point(3, 1), "popo": point(3, 3),
+          "mgda": point(1, 2)},
+  }
+  s = pareto.summarize(config, per_seed)
+  hv = s["hypervolume"]
+  assert hv["fixed_front"] == [5.0, 5.0]
+  popo = hv["per_rule"]["popo"]
+  assert [r["gain"] for r in popo["seeds"]] == [1.0, 4.0]
+  assert popo["on_or_beyond_front"] == 2 and popo["extends_front"] == 2
+  mgda = hv["per_rule"]["mgda"]
+  assert mgda["on_or_beyond_front"] == 0 and mgda["extends_front"] == 0
+  assert mgda["seeds"][0]["dominated_by"] == ["fixed_0.00", "fixed_1.00"]
+  assert s["stats"]["popo"][pareto.X_METRIC]["mean"] == 2.5
+  table = pareto.format_table(config, s)
+  assert "| popo | " in table and "2/2 | 2/2 |" in table
