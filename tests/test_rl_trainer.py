@@ -270,3 +270,9 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert set(summary["hypervolume"]["per_rule"]) == {"popo", "popo_light",
                                                      "mgda"}
+  # A finished seed is read back, not trained again.
+  log = tmp_path / "seed_0" / "popo" / "metrics.jsonl"
+  before = log.read_text()
+  as_json = lambda x: json.loads(json.dumps(x))
+  assert as_json(pareto.run(config, tmp_path)) == as_json(summary)
+  assert log.read_text() == before

@@ -104,14 +104,14 @@ def weight_trajectory(workdir: os.PathLike | str,
 def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
              seed: int) -> dict[str, Any]:
   """SFT, then every variant's RL run, for one seed."""
+  cache = root / "seed_results.json"
+  if cache.is_file():  # this seed is done (the experiment's config.json,
+    return json.loads(cache.read_text())  # checked by run_seeds, is its own)
   sft_dir = config.sft_workdir
   if not sft_dir:
     sft_dir = root / "sft"
     sft.train_and_evaluate(
         config_lib.with_overrides(config.sft, seed=seed), sft_dir)
-  cache = root / "seed_results.json"
-  if cache.is_file():  # this seed is done (its config checked above)
-    return json.loads(cache.read_text())
   out = {}
   for i, (name, overrides) in enumerate(variants(config)):
     # The SFT model is evaluated once per seed, in the first run.
