@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) experiments/bench/sasrec_train.py --workdir=runs/bench
 	$(PY) experiments/bench/sft_train.py --workdir=runs/bench
 	$(PY) experiments/bench/beam_search.py --workdir=runs/bench
+	$(PY) experiments/bench/popo_cost.py --workdir=runs/bench
 
 # The reasoning ablation (README, "Reasoning"); needs the SIDs of `make run`.
 cot-ablation: $(STAMP)

@@ -95,7 +95,7 @@ def test_gram_over_parameters_equals_separate_gradients(setup, layers):
                                        rewards[:, k])
     np.testing.assert_allclose(losses[k], loss_k(params), rtol=1e-5,
                                atol=1e-7)
-    grads = jax.tree.leaves(jax.grad(loss_k)(params))
+    grads = jax.tree.leaves(jax.jit(jax.grad(loss_k))(params))
     flat.append(
         np.concatenate([
             np.asarray(g).ravel() for g, c in zip(grads, chosen) if c]))
@@ -125,8 +125,8 @@ def test_mgda_ub_gram_over_hidden_states(setup):
   head = rollout_lib.policy_head(graphdef, cfg, OFFSETS)
   flat = np.stack([
       np.asarray(
-          jax.grad(lambda x: _objective_loss(head(params, x, roll), roll,
-                                             adv[:, k], rewards[:, k]))(h)
+          jax.jit(jax.grad(lambda x: _objective_loss(
+              head(params, x, roll), roll, adv[:, k], rewards[:, k])))(h)
       ).ravel() for k in range(3)
   ])
   np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-4,
