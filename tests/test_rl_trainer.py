@@ -275,4 +275,5 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   before = log.read_text()
   as_json = lambda x: json.loads(json.dumps(x))
   assert as_json(pareto.run(config, tmp_path)) == as_json(summary)
+  assert list(pareto.finished_seeds(tmp_path)) == [0]
   assert log.read_text() == before

@@ -306,12 +306,10 @@ def plot_weights(config: ml_collections.ConfigDict, per_seed: dict[int, dict],
   return figures.save(fig, path)
 
 
-def run(config: ml_collections.ConfigDict,
-        workdir: os.PathLike | str) -> dict[str, Any]:
-  """Every seed and variant, then the reports (module docstring)."""
+def report(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
+           per_seed: dict[int, dict]) -> dict[str, Any]:
+  """results.json, table.md, front.png and weights.png of `per_seed`."""
   workdir = pathlib.Path(workdir)
-  variants(config)  # a bad variant list fails before any training
-  per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
   summary = summarize(config, per_seed)
   table = format_table(config, summary)
   metric_writer.write_json_atomic(workdir / "results.json", {
@@ -323,3 +321,20 @@ def run(config: ml_collections.ConfigDict,
   plot_weights(config, per_seed, workdir / "weights.png")
   print(table)
   return summary
+
+
+def finished_seeds(workdir: os.PathLike | str) -> dict[int, dict]:
+  """{seed: results} of the seeds of `workdir` that are done (their
+  `seed_results.json`), e.g. to report an experiment still running."""
+  out = {}
+  for path in sorted(pathlib.Path(workdir).glob("seed_*/seed_results.json")):
+    out[int(path.parent.name[len("seed_"):])] = json.loads(path.read_text())
+  return dict(sorted(out.items()))
+
+
+def run(config: ml_collections.ConfigDict,
+        workdir: os.PathLike | str) -> dict[str, Any]:
+  """Every seed and variant, then the reports (module docstring)."""
+  variants(config)  # a bad variant list fails before any training
+  per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
+  return report(config, workdir, per_seed)
