@@ -265,7 +265,7 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   table = (tmp_path / "table.md").read_text()
   for name in ("SFT", "fixed_0.00", "popo", "popo_light", "mgda"):
     assert f"| {name} | " in table
-  assert "reference point (0.350, 0.750)" in table
+  assert "the reference point (0.350, 0.750)" in table
   for png in ("front.png", "weights.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert set(summary["hypervolume"]["per_rule"]) == {"popo", "popo_light",

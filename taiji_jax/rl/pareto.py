@@ -236,19 +236,18 @@ def format_table(config: ml_collections.ConfigDict,
   ref = hv["reference"]
   fs = hv["fixed_front_stats"]
   n = len(hv["fixed_front"])
+  milli = lambda st: f"{1e3 * st['mean']:.3f} ± {1e3 * st['std']:.3f}"
   lines = [
-      "", f"Hypervolume of test (semantic@1, preference@1) against the "
-      f"reference point ({ref[0]:.3f}, {ref[1]:.3f}), mean ± std over {n} "
-      f"seeds; fixed-weight front alone: {fs['mean']:.5f} ± {fs['std']:.5f}.",
-      "", "| rule | its point alone | gain when added to the fixed front | "
+      "", f"Hypervolume (x 1e-3) of test (semantic@1, preference@1) against "
+      f"the reference point ({ref[0]:.3f}, {ref[1]:.3f}), mean ± std over "
+      f"{n} seeds; the fixed-weight front alone: {milli(fs)}.", "",
+      "| rule | its point alone | gain when added to the fixed front | "
       "seeds on or beyond the front | seeds extending it |",
       "| --- | --- | --- | --- | --- |"
   ]
   for name, r in hv["per_rule"].items():
-    lines.append(f"| {name} | {r['alone']['mean']:.5f} ± "
-                 f"{r['alone']['std']:.5f} | {r['gain']['mean']:.5f} ± "
-                 f"{r['gain']['std']:.5f} | {r['on_or_beyond_front']}/{n} | "
-                 f"{r['extends_front']}/{n} |")
+    lines.append(f"| {name} | {milli(r['alone'])} | {milli(r['gain'])} | "
+                 f"{r['on_or_beyond_front']}/{n} | {r['extends_front']}/{n} |")
   return table + "\n" + "\n".join(lines)
 
 
