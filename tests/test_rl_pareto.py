@@ -65,6 +65,13 @@ def test_variants_and_their_overrides():
     pareto.variants(config)
 
 
+def test_gap_to_front_interpolates_the_non_dominated_points():
+  front = [(1, 3), (3, 1), (2, 0.5)]  # (2, 0.5) is dominated by (3, 1)
+  assert pareto.gap_to_front((2, 2.5), front) == pytest.approx(0.5)
+  assert pareto.gap_to_front((1.5, 2.0), front) == pytest.approx(-0.5)
+  assert pareto.gap_to_front((0.5, 9), front) is None
+
+
 def test_summary_counts_rules_on_and_beyond_the_front():
   config = config_lib.load_config_file(CONFIG)
   config.unlock()
@@ -86,9 +93,14 @@ def test_summary_counts_rules_on_and_beyond_the_front():
   popo = hv["per_rule"]["popo"]
   assert [r["gain"] for r in popo["seeds"]] == [1.0, 4.0]
   assert popo["on_or_beyond_front"] == 2 and popo["extends_front"] == 2
+  # (2, 2) is on the segment (1, 3)-(3, 1); (3, 3) is at its x
+  # range end: at x = 3, 2 above (3, 1).
+  assert popo["above_front"]["values"] == [0.0, 2.0]
   mgda = hv["per_rule"]["mgda"]
   assert mgda["on_or_beyond_front"] == 0 and mgda["extends_front"] == 0
   assert mgda["seeds"][0]["dominated_by"] == ["fixed_0.00", "fixed_1.00"]
   assert s["stats"]["popo"][pareto.X_METRIC]["mean"] == 2.5
   table = pareto.format_table(config, s)
   assert "| popo | " in table and "2/2 | 2/2 |" in table
+  # mgda: (0.5, 0.5) is left of the front (no gap), (1, 2) 1 below it.
+  assert mgda["above_front"]["values"] == [-1.0]

@@ -179,8 +179,28 @@ def dominated_by(point, others) -> list[int]:
   ]
 
 
+def gap_to_front(point, front) -> float | None:
+  """How far above the front `point` is, vertically: its y minus the
+  piecewise-linear front (the non-dominated points of `front`, by x) at its
+  x; positive beyond the front, negative behind it; None when x is outside
+  the front's x range (no interpolation there)."""
+  f = np.asarray(front, np.float64).reshape(-1, 2)
+  f = f[pareto_front(f)]
+  f = f[np.argsort(f[:, 0])]
+  x, y = float(point[0]), float(point[1])
+  if not f[0, 0] <= x <= f[-1, 0]:
+    return None
+  return y - float(np.interp(x, f[:, 0], f[:, 1]))
+
+
 def _xy(test: dict) -> tuple[float, float]:
   return float(test[X_METRIC]), float(test[Y_METRIC])
+
+
+def _stats_or_empty(values: list[float]) -> dict[str, Any]:
+  if not values:
+    return {"mean": None, "std": None, "values": []}
+  return workdir_lib.seed_stats(values)
 
 
 def summarize(config: ml_collections.ConfigDict,
@@ -209,6 +229,7 @@ def summarize(config: ml_collections.ConfigDict,
       rows.append({
           "seed": int(s),
           "point": point,
+          "above_front": gap_to_front(point, front),
           "alone": hypervolume_2d([point], ref),
           "front_with_point": with_point,
           "gain": with_point - hv["fixed_front"][i],
@@ -218,6 +239,8 @@ def summarize(config: ml_collections.ConfigDict,
         "seeds": rows,
         "gain": workdir_lib.seed_stats(r["gain"] for r in rows),
         "alone": workdir_lib.seed_stats(r["alone"] for r in rows),
+        "above_front": _stats_or_empty(
+            [r["above_front"] for r in rows if r["above_front"] is not None]),
         "on_or_beyond_front": sum(not r["dominated_by"] for r in rows),
         "extends_front": sum(r["gain"] > 0 for r in rows),
     }
@@ -242,12 +265,17 @@ def format_table(config: ml_collections.ConfigDict,
       f"the reference point ({ref[0]:.3f}, {ref[1]:.3f}), mean ± std over "
       f"{n} seeds; the fixed-weight front alone: {milli(fs)}.", "",
       "| rule | its point alone | gain when added to the fixed front | "
-      "seeds on or beyond the front | seeds extending it |",
-      "| --- | --- | --- | --- | --- |"
+      "seeds on or beyond the front | seeds extending it | preference "
+      "above the front at its semantic reward (x 1e-3) |",
+      "| --- | --- | --- | --- | --- | --- |"
   ]
   for name, r in hv["per_rule"].items():
+    gap = r["above_front"]
+    gap = (f"{milli(gap)} ({len(gap['values'])} seeds)"
+           if gap["values"] else "- (outside the front's range)")
     lines.append(f"| {name} | {milli(r['alone'])} | {milli(r['gain'])} | "
-                 f"{r['on_or_beyond_front']}/{n} | {r['extends_front']}/{n} |")
+                 f"{r['on_or_beyond_front']}/{n} | {r['extends_front']}/{n} | "
+                 f"{gap} |")
   return table + "\n" + "\n".join(lines)
 
 
