@@ -55,7 +55,9 @@ def get_config(arg=None):
           layers="all",  # or "last:N" or "re:<regex>"
           groups=0,  # rollout groups the gradients are taken on (0: all)
           eta=-1.0,  # popo step size (< 0: train.lr)
-          mu=1e-5,  # popo regulariser (the step is eta * I / mu)
+          # popo regulariser: the step is eta * I / mu. 1e-5 is Lu et al.'s;
+          # configs/ml100k_pareto.py uses 2e-3 (README "Pareto front").
+          mu=1e-5,
           normalization="",  # "": none for popo, l2 for mgda
           min_weight=0.0))
   # Report the preference reward in evaluation even when not trained on.
