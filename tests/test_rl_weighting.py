@@ -46,13 +46,19 @@ def test_initial_weights_and_rule_names():
   with pytest.raises(ValueError, match=">= 0"):
     weighting.initial_weights(["a", "b"], [1.0, -1.0])
   with pytest.raises(ValueError, match="unknown reward weighting"):
-    weighting.get("mgda_typo")
+    weighting.make("mgda_typo")
   with pytest.raises(ValueError, match="needs gradients"):
     weighting.make("popo", gradients="none")
   with pytest.raises(ValueError, match="mu > 0"):
     weighting.make("popo", mu=0.0)
   with pytest.raises(ValueError, match="normalisation"):
     weighting.make("mgda", normalization="l1")
+  with pytest.raises(ValueError, match="min_weight must be"):
+    weighting.make("popo", min_weight=0.5)
+  with pytest.raises(ValueError, match="unknown weighting layers"):
+    weighting.make("mgda", layers="last:0")
+  with pytest.raises(ValueError, match="unknown weighting layers"):
+    weighting.make("popo", layers="first:2")
   with pytest.raises(ValueError, match="gradients must be"):
     weighting.make("mgda", gradients="activations")
   assert weighting.make("fixed").gradients == "none"
@@ -85,6 +91,9 @@ def test_popo_is_an_exponentiated_gradient_step_by_hand():
                          min_weight=0.05)
   assert np.asarray(floor).min() == pytest.approx(0.05, abs=1e-6)
   assert float(jnp.sum(floor)) == pytest.approx(1.0)
+  # With K = 3 a floor of 0.4 would leave negative mass: an error.
+  with pytest.raises(ValueError, match="< 1 / K"):
+    weighting.popo(jnp.asarray(w0), _signals(gram), eta, mu, min_weight=0.4)
   # A non-finite Gram matrix keeps the weights.
   nan = weighting.popo(jnp.asarray(w0), _signals(gram * np.nan), eta, mu)
   np.testing.assert_allclose(nan, w0, rtol=1e-6)

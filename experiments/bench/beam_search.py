@@ -195,8 +195,9 @@ def main(argv):
   batch_size = f.batch_size or config.eval.batch_size
   num_beams = f.num_beams or max(config.eval.ks)
   result = {"preset": bench.preset}
-  result |= run(bench.model_cfg, sids, benchmarking.level_offsets(codebooks), batch_size,
-                prompt_len, num_beams, f.history, f.batches, bench.mesh)
+  result |= run(bench.model_cfg, sids, benchmarking.level_offsets(codebooks),
+                batch_size, prompt_len, num_beams, f.history, f.batches,
+                bench.mesh)
   benchmarking.write_result(f.workdir, "beam_search", result,
                             markdown_row(result))
 

@@ -197,12 +197,6 @@ def _xy(test: dict) -> tuple[float, float]:
   return float(test[X_METRIC]), float(test[Y_METRIC])
 
 
-def _stats_or_empty(values: list[float]) -> dict[str, Any]:
-  if not values:
-    return {"mean": None, "std": None, "values": []}
-  return workdir_lib.seed_stats(values)
-
-
 def summarize(config: ml_collections.ConfigDict,
               per_seed: dict[int, dict]) -> dict[str, Any]:
   """Seed statistics per variant and the hypervolume analysis."""
@@ -216,14 +210,16 @@ def summarize(config: ml_collections.ConfigDict,
     stats[name] = {
         k: workdir_lib.seed_stats(t[k] for t in tests) for k in keys
     }
-  hv: dict[str, Any] = {"reference": ref, "fixed_front": [], "per_rule": {}}
-  for s in per_seed:
-    front = [_xy(per_seed[s][n]["test"]) for n in fixed]
-    hv["fixed_front"].append(hypervolume_2d(front, ref))
+  fronts = {s: [_xy(per_seed[s][n]["test"]) for n in fixed] for s in per_seed}
+  hv: dict[str, Any] = {
+      "reference": ref,
+      "fixed_front": [hypervolume_2d(f, ref) for f in fronts.values()],
+      "per_rule": {}
+  }
   for name in config.adaptive:
     rows = []
     for i, s in enumerate(per_seed):
-      front = [_xy(per_seed[s][n]["test"]) for n in fixed]
+      front = fronts[s]
       point = _xy(per_seed[s][name]["test"])
       with_point = hypervolume_2d(front + [point], ref)
       rows.append({
@@ -239,8 +235,8 @@ def summarize(config: ml_collections.ConfigDict,
         "seeds": rows,
         "gain": workdir_lib.seed_stats(r["gain"] for r in rows),
         "alone": workdir_lib.seed_stats(r["alone"] for r in rows),
-        "above_front": _stats_or_empty(
-            [r["above_front"] for r in rows if r["above_front"] is not None]),
+        "above_front": workdir_lib.seed_stats(
+            r["above_front"] for r in rows if r["above_front"] is not None),
         "on_or_beyond_front": sum(not r["dominated_by"] for r in rows),
         "extends_front": sum(r["gain"] > 0 for r in rows),
     }

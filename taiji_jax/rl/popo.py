@@ -185,31 +185,20 @@ def objective_gradients(forward, heads, primal):
   return losses, grads, out
 
 
-def gram_matrix(grads, select=None) -> jax.Array:
+def gram_matrix(grads) -> jax.Array:
   """(K, K) Gram matrix <g_i, g_j> of stacked gradients (leading K axis).
 
-  `select`, a pytree of bools shaped like one gradient's structure (or a
-  function path -> bool of `jax.tree_util.keystr` paths), restricts the
-  inner products to a subset of the leaves (e.g. the last layers). Under
-  jit with sharded gradients each leaf's contraction is a local product plus
-  a reduction that XLA inserts, so the result is the same as unsharded.
+  To restrict it to some layers, differentiate only those
+  (`reward_gradients.select_leaves`). Under jit with sharded gradients each
+  leaf's contraction is a local product plus a reduction that XLA inserts,
+  so the result is the same as unsharded.
   """
-  leaves = jax.tree_util.tree_leaves_with_path(grads)
-  if callable(select):
-    keep = [bool(select(jax.tree_util.keystr(p))) for p, _ in leaves]
-  elif select is not None:
-    keep = [bool(x) for x in jax.tree.leaves(select)]
-    if len(keep) != len(leaves):
-      raise ValueError(f"select has {len(keep)} leaves, the gradients "
-                       f"{len(leaves)}.")
-  else:
-    keep = [True] * len(leaves)
-  chosen = [g for (_, g), use in zip(leaves, keep) if use]
-  if not chosen:
-    raise ValueError("select keeps no gradient leaf.")
-  k = chosen[0].shape[0]
+  leaves = jax.tree.leaves(grads)
+  if not leaves:
+    raise ValueError("no gradient leaf.")
+  k = leaves[0].shape[0]
   total = jnp.zeros((k, k), jnp.float32)
-  for g in chosen:
+  for g in leaves:
     flat = g.reshape(k, -1).astype(jnp.float32)
     total = total + flat @ flat.T
   return total

@@ -63,7 +63,7 @@ def make_train_step(graphdef,
                     *,
                     objective: str,
                     objective_cfg: obj_lib.ObjectiveConfig,
-                    weight_rule,
+                    weight_rule: weighting.WeightRule,
                     advantage: str = "auto",
                     num_minibatches: int = 1,
                     epochs: int = 1,
@@ -80,8 +80,7 @@ def make_train_step(graphdef,
     reward_names: the reward columns' names (for the logs).
     objective: a name of `objectives.OBJECTIVES`.
     objective_cfg: its settings.
-    weight_rule: a `weighting.WeightRule` (`weighting.make(name, ...)`), or
-      a plain `fn(weights_k, signals) -> weights_k` that needs no gradients.
+    weight_rule: a `weighting.WeightRule` (`weighting.make(name, ...)`).
     advantage: "auto" (the objective's default), "std", "center", "none"
       or "gdpo".
     num_minibatches: minibatches per pass (divides the updated groups).
@@ -100,8 +99,6 @@ def make_train_step(graphdef,
   logprob_fn = rollout_lib.policy_logprobs(graphdef, rollout_cfg,
                                            level_offsets, allowed_v)
   names = list(reward_names)
-  if not isinstance(weight_rule, weighting.WeightRule):
-    weight_rule = weighting.WeightRule("custom", weight_rule)
   gram_fn = None
   if weight_rule.gradients != "none":
     gram_fn = reward_gradients.make_gram_fn(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -111,6 +112,9 @@ def popo(weights_k: jax.Array,
   logits = jnp.log(jnp.maximum(weights_k, 1e-30)) + step
   new = jax.nn.softmax(logits)
   k = weights_k.shape[0]
+  if min_weight * k >= 1:
+    raise ValueError(f"popo min_weight {min_weight} leaves no mass for {k} "
+                     "rewards (it must be < 1 / K).")
   if min_weight:
     new = (1.0 - k * min_weight) * new + min_weight
   return jnp.where(jnp.all(jnp.isfinite(new)), new, weights_k)
@@ -154,6 +158,11 @@ class WeightRule:
                        f"{self.gradients!r}.")
     if self.groups < 0:
       raise ValueError(f"weighting groups must be >= 0, got {self.groups}.")
+    # The spec's form now, so a typo fails before any loading (the block
+    # count is checked against the parameters in the first step).
+    if not re.fullmatch(r"all|last:[1-9][0-9]*|re:.+", self.layers):
+      raise ValueError(f"unknown weighting layers {self.layers!r}; use "
+                       "'all', 'last:N' (N >= 1) or 're:<regex>'.")
 
   def __call__(self, weights_k: jax.Array, s: Signals) -> jax.Array:
     return self.fn(weights_k, s)
@@ -188,22 +197,17 @@ def make(name: str,
     if not mu > 0 or not eta >= 0:
       raise ValueError(f"popo needs eta >= 0 and mu > 0, got eta={eta}, "
                        f"mu={mu}.")
+    if not 0 <= min_weight < 0.5:
+      raise ValueError(f"min_weight must be in [0, 0.5), got {min_weight}.")
     fn = functools.partial(popo, eta=eta, mu=mu,
                            normalization=normalization or "none",
                            min_weight=min_weight)
   else:
     fn = functools.partial(mgda, normalization=normalization or "l2")
-  if not 0 <= min_weight < 0.5:
-    raise ValueError(f"min_weight must be in [0, 0.5), got {min_weight}.")
   if gradients == "none":
     raise ValueError(f"weighting {name!r} needs gradients ('params' or "
                      "'hidden'), got 'none'.")
   return WeightRule(name, fn, gradients, layers, groups)
-
-
-def get(name: str) -> WeightRule:
-  """The rule `name` with its default settings."""
-  return make(name)
 
 
 def initial_weights(names: Sequence[str], weights: dict | Sequence[float]

@@ -67,8 +67,11 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
 
 
 def seed_stats(values) -> dict[str, Any]:
-  """{"mean", "std" (sample, ddof 1; 0 for one value), "values"}."""
+  """{"mean", "std" (sample, ddof 1; 0 for one value), "values"}; mean and
+  std are None for no values."""
   values = [float(v) for v in values]
+  if not values:
+    return {"mean": None, "std": None, "values": []}
   mean = sum(values) / len(values)
   var = (sum((v - mean)**2 for v in values) / (len(values) - 1)
          if len(values) > 1 else 0.0)
