@@ -53,11 +53,12 @@ def get_config(arg=None):
   c.rl.train.num_steps = arg.steps if arg.steps > 0 else 45
 
   c.fixed_semantic_weights = (0.0, 0.25, 0.5, 0.75, 1.0)
-  c.adaptive = ("popo", "popo_light", "mgda")
+  c.adaptive = ("popo", "popo_light", "mgda", "gdpo")
   # Per rule, overrides of c.rl (the weights start at c.rl.weights).
   c.rules = ml_collections.ConfigDict({
-      # Full-parameter gradients, eta = train.lr (1e-4). The step on the
-      # log-weights is eta * I / mu; mu was set from a 4-step probe on seed
+      # Full-parameter gradients, eta = train.lr (1e-4), the consistent
+      # loss sum_k w_k L_k (combine "objectives"); min_weight floors the
+      # applied weights only. The step on the log-weights is eta * I / mu; mu was set from a 4-step probe on seed
       # 0 (I_pref - I_sem ~ 0.85 per step) so that 45 steps move the
       # log-odds by ~2, inside the simplex (Lu et al.'s mu = 1e-5 with
       # these gradients jumps to a vertex in one step).
@@ -69,6 +70,12 @@ def get_config(arg=None):
           }
       },
       "popo_light": {},
+      # GDPO (per-reward group normalisation, weighted sum, batch
+      # whitening) with the fixed starting weights 0.5 / 0.5.
+      "gdpo": {
+          "weighting": "fixed",
+          "advantage": "gdpo"
+      },
       # The exact min-norm point of the l2-normalised gradients.
       "mgda": {
           "weighting_cfg": {

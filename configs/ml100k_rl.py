@@ -59,7 +59,16 @@ def get_config(arg=None):
           # configs/ml100k_pareto.py uses 2e-3 (README "Pareto front").
           mu=1e-5,
           normalization="",  # "": none for popo, l2 for mgda
-          min_weight=0.0))
+          # Floor of the applied weights (a projection; the rule's state
+          # evolves untouched).
+          min_weight=0.0,
+          # "auto": "objectives" (loss sum_k w_k L_k + KL) for popo/mgda,
+          # "rewards" (the paper's r = sum_k w_k r_k, one group
+          # normalisation) for fixed/popo_light.
+          combine="auto",
+          # "auto": per-reward gradients from the first minibatch's own
+          # backward where possible (params, objectives, groups 0).
+          fused="auto"))
   # Report the preference reward in evaluation even when not trained on.
   c.eval_preference = True
   c.text_encoder = ml_collections.ConfigDict({

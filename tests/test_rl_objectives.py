@@ -717,3 +717,32 @@ def test_traced_group_size_is_a_clear_error():
   batch = _batch(logp, logp, ref, mask, np.zeros(9), rewards, valid, 3)
   with pytest.raises(TypeError, match="static int"):
     jax.jit(lambda b: obj_lib.dpo(b, obj_lib.defaults("dpo")))(batch)
+
+
+def test_effective_weights_of_the_reward_scalarisation_by_hand():
+  """The paper's form normalises the weighted reward in its group: with
+  in-group spreads 0.03 (semantic) and 0.2 (preference), equal weights
+  apply w_k sigma_k / sigma_r, not w_k (issue 15's example)."""
+  from taiji_jax.rl import combine
+  rng = np.random.default_rng(0)
+  g, groups = 8, 5
+  sem = 0.5 + 0.03 * rng.standard_normal((groups, g))
+  pref = 0.5 + 0.2 * rng.standard_normal((groups, g))
+  r = jnp.asarray(np.stack([sem.ravel(), pref.ravel()], 1), jnp.float32)
+  w = jnp.asarray([0.5, 0.5])
+  got = np.asarray(combine.effective_weights(r, jnp.ones(g * groups), g, w))
+  want = []
+  for b in range(groups):
+    s_k = np.array([sem[b].std(), pref[b].std()])
+    s_r = (0.5 * sem[b] + 0.5 * pref[b]).std()
+    want.append(0.5 * s_k / (s_r + 1e-6))
+  np.testing.assert_allclose(got, np.mean(want, 0), rtol=1e-4)
+  assert got[0] < 0.5 * got[1] / 3  # the low-spread reward is under-weighted
+  # The combined advantage is exactly sum_k eff_bk A_bk in each group.
+  a_r = adv_lib.group_advantages(r @ w, jnp.ones(g * groups), g, "std")
+  a_k = combine.per_reward_advantages(r, jnp.ones(g * groups), g, "std")
+  sig = lambda x: x.reshape(groups, g).std(1)
+  eff_bk = np.stack([0.5 * sig(np.asarray(r[:, k])) for k in range(2)], 1) / (
+      sig(np.asarray(r @ w)) + 1e-6)[:, None]
+  recon = np.sum(np.repeat(eff_bk, g, 0) * np.asarray(a_k), 1)
+  np.testing.assert_allclose(recon, a_r, rtol=1e-3, atol=1e-4)

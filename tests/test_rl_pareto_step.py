@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from taiji_jax import sharding
+from taiji_jax.rl import combine
 from taiji_jax.rl import objectives
 from taiji_jax.rl import popo
 from taiji_jax.rl import reward_gradients
@@ -85,7 +86,7 @@ def test_gram_over_parameters_equals_separate_gradients(setup, layers):
   rule = weighting.make("mgda", layers=layers)
   gram, losses = _gram_fn(setup, rule)(params, roll, rewards,
                                        jnp.ones(B * G))
-  adv = reward_gradients.per_reward_advantages(rewards, jnp.ones(B * G), G,
+  adv = combine.per_reward_advantages(rewards, jnp.ones(B * G), G,
                                                "std")
   logprob = rollout_lib.policy_logprobs(graphdef, cfg, OFFSETS)
   chosen = reward_gradients.select_leaves(params, layers)
@@ -120,7 +121,7 @@ def test_mgda_ub_gram_over_hidden_states(setup):
   gram2, _ = _gram_fn(setup, rule)(params, roll._replace(hidden=None),
                                    rewards, jnp.ones(B * G))
   np.testing.assert_allclose(gram2, gram, rtol=1e-4, atol=1e-9)
-  adv = reward_gradients.per_reward_advantages(rewards, jnp.ones(B * G), G,
+  adv = combine.per_reward_advantages(rewards, jnp.ones(B * G), G,
                                                "std")
   head = rollout_lib.policy_head(graphdef, cfg, OFFSETS)
   flat = np.stack([
@@ -177,7 +178,7 @@ def _step(setup, rule, objective="grpo", tx=None):
 def test_popo_step_applies_the_exponentiated_gradient_update(setup):
   _, params, _, roll, rewards = setup
   eta, mu = 1e-3, 1e-3
-  rule = weighting.make("popo", eta=eta, mu=mu)
+  rule = weighting.make("popo", eta=eta, mu=mu, fused=False)
   step, state = _step(setup, rule)
   new, m = step(state, roll, rewards)
   gram, _ = _gram_fn(setup, rule)(params, roll, rewards, jnp.ones(B * G))
@@ -186,7 +187,7 @@ def test_popo_step_applies_the_exponentiated_gradient_update(setup):
   np.testing.assert_allclose(new["reward_weights"], raw / raw.sum(),
                              rtol=1e-4)
   for k, name in enumerate(NAMES):
-    assert m[f"grads/alignment/{name}"] == pytest.approx(
+    assert m[f"grads/popo_I/{name}"] == pytest.approx(
         float(gram[k].sum()), rel=1e-4)
   assert m["skipped"] == 0
 
@@ -196,7 +197,7 @@ def test_mgda_step_weights_give_a_common_descent_direction(setup):
   for every k: to first order the step (along -d) lowers every reward's
   policy loss, i.e. raises every reward."""
   _, params, _, roll, rewards = setup
-  rule = weighting.make("mgda", normalization="none")
+  rule = weighting.make("mgda", normalization="none", fused=False)
   step, state = _step(setup, rule)
   new, _ = step(state, roll, rewards)
   w = np.asarray(new["reward_weights"], np.float64)
@@ -210,13 +211,153 @@ def test_mgda_step_weights_give_a_common_descent_direction(setup):
   assert np.all(gram @ w >= d2 * (1 - 1e-3)), (gram @ w, d2)
   # The default (l2-normalised) weights: each gradient's share of the
   # direction is inversely proportional to its norm.
-  step, state = _step(setup, weighting.make("mgda"))
+  step, state = _step(setup, weighting.make("mgda", fused=False))
   new, _ = step(state, roll, rewards)
   norms = np.sqrt(np.diagonal(gram))
   unit = gram / np.outer(norms, norms)
   want = np.asarray(popo.min_norm_weights(jnp.asarray(unit))) / norms
   np.testing.assert_allclose(new["reward_weights"], want / want.sum(),
                              rtol=1e-3, atol=1e-5)
+
+
+def _reference_gradients(setup, kl_coef=0.0):
+  """K separate `jax.grad`s of the per-reward objectives (and of the KL
+  term) at the setup's parameters: [(K,) stacked leaves], [KL leaves]."""
+  graphdef, params, cfg, roll, rewards = setup
+  adv = combine.per_reward_advantages(rewards, jnp.ones(B * G), G, "std")
+  logprob = rollout_lib.policy_logprobs(graphdef, cfg, OFFSETS)
+  per_k = []
+  for k in range(3):
+    loss_k = lambda p, k=k: _objective_loss(logprob(p, roll)[0], roll,
+                                            adv[:, k], rewards[:, k])
+    per_k.append(jax.tree.leaves(jax.jit(jax.grad(loss_k))(params)))
+  ocfg = objectives.ObjectiveConfig(kl_coef=kl_coef)
+
+  def kl_loss(p):
+    batch = objectives.PolicyBatch(
+        logp=logprob(p, roll)[0], old_logp=roll.old_logp,
+        ref_logp=roll.ref_logp, mask=roll.loss_mask,
+        advantages=jnp.zeros(B * G), rewards=rewards[:, 0],
+        valid=jnp.ones(B * G), group_size=G)
+    return objectives.grpo(batch, ocfg)[0]
+
+  kl = jax.tree.leaves(jax.jit(jax.grad(kl_loss))(params))
+  return [np.stack(x) for x in zip(*per_k)], kl
+
+
+def _flat_gram(stacked):
+  flat = np.concatenate([np.asarray(x, np.float64).reshape(3, -1)
+                         for x in stacked], 1)
+  return flat @ flat.T
+
+
+@pytest.mark.parametrize("name,fused,kl_coef", [
+    ("mgda", True, 0.0),
+    ("mgda", False, 0.0),
+    ("popo", True, 0.0),
+    ("popo", False, 0.0),
+    ("mgda", True, 0.04),
+])
+def test_sgd_step_is_minus_lr_times_the_weighted_objective_gradients(
+    setup, name, fused, kl_coef):
+  """The acceptance test of the consistent formulation: with plain SGD, one
+  update on the whole batch moves the parameters by exactly
+  -lr (sum_k w_k g_k + g_KL), g_k the per-reward objectives' gradients the
+  rule measured, w the logged (applied) weights."""
+  graphdef, params, cfg, roll, rewards = setup
+  lr = 0.5
+  rule = {
+      "mgda": lambda: weighting.make("mgda", normalization="none",
+                                     fused=fused),
+      "popo": lambda: weighting.make("popo", eta=1e-3, mu=1e-3, fused=fused),
+  }[name]()
+  assert rule.fused == fused and rule.combine == "objectives"
+  ocfg = objectives.ObjectiveConfig(eps_low=0.2, eps_high=0.2,
+                                    kl_coef=kl_coef)
+  tx = optax.sgd(lr)
+  step = jax.jit(step_lib.make_train_step(
+      graphdef, tx, cfg, OFFSETS, NAMES, objective="grpo",
+      objective_cfg=ocfg, weight_rule=rule, num_minibatches=1))
+  w0 = weighting.initial_weights(NAMES, [0.5, 0.3, 0.2])
+  new, m = step(step_lib.init_state(params, tx, w0), roll, rewards)
+  assert m["skipped"] == 0 and m["updates"] == 1
+  stacked, kl = _reference_gradients(setup, kl_coef)
+  gram = _flat_gram(stacked)
+  w = np.asarray([m[f"weights/{n}"] for n in NAMES], np.float64)
+  if name == "mgda":
+    np.testing.assert_allclose(
+        w, popo.min_norm_weights(jnp.asarray(gram, jnp.float32)), atol=1e-4)
+  else:
+    raw = np.asarray(w0) * np.exp(1e-3 * gram.sum(1) / 1e-3)
+    np.testing.assert_allclose(w, raw / raw.sum(), rtol=1e-4)
+  for before, after, g_k, g_kl in zip(jax.tree.leaves(params),
+                                      jax.tree.leaves(new["params"]),
+                                      stacked, kl):
+    want = -lr * (np.tensordot(w, np.asarray(g_k, np.float64), 1) +
+                  np.asarray(g_kl, np.float64))
+    got = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-3,
+                               atol=1e-6 + 1e-4 * np.abs(want).max())
+  if kl_coef:  # the KL term moved the parameters too
+    assert max(np.abs(np.asarray(x)).max() for x in kl) > 0
+  # The logged Gram statistics are those of the reference gradients.
+  norms = np.sqrt(np.diagonal(gram))
+  for k, n in enumerate(NAMES):
+    assert m[f"grads/norm/{n}"] == pytest.approx(norms[k], rel=1e-3)
+    assert m[f"grads/alignment/{n}"] == pytest.approx(
+        (gram @ w)[k] / (w @ gram @ w), rel=1e-3)
+
+
+def test_mgda_alignments_on_the_applied_step_are_equal_on_the_support(setup):
+  """For the min-norm weights the logged a_k = <g_k, d> / |d|^2 with the
+  applied direction d are 1 on the support and >= 1 off it (KKT), here
+  for an interior solution of two rewards and for all three."""
+  graphdef, params, cfg, roll, rewards = setup
+  tx = optax.sgd(0.1)
+  for cols in ((0, 2), (0, 1, 2)):
+    names = [NAMES[c] for c in cols]
+    step = jax.jit(step_lib.make_train_step(
+        graphdef, tx, cfg, OFFSETS, names, objective="grpo",
+        objective_cfg=objectives.defaults("grpo"),
+        weight_rule=weighting.make("mgda", normalization="none"),
+        num_minibatches=1))
+    w0 = weighting.initial_weights(names, [1.0] * len(cols))
+    _, m = step(step_lib.init_state(params, tx, w0), roll,
+                rewards[:, jnp.asarray(cols)])
+    w = np.asarray([m[f"weights/{n}"] for n in names])
+    a = np.asarray([m[f"grads/alignment/{n}"] for n in names])
+    support = w > 1e-4
+    assert np.all(a >= 1 - 1e-3), (w, a)
+    np.testing.assert_allclose(a[support], 1.0, atol=2e-3)
+    if len(cols) == 2:
+      assert support.all(), w  # interior: both rewards carry weight
+
+
+def test_paper_combine_logs_its_effective_weights(setup):
+  """combine="rewards" (the paper's form) keeps the old update: the
+  objective on the group-normalised weighted reward; its step's effective
+  per-reward weights are logged, and no alignment claims a direction it
+  does not take."""
+  graphdef, params, cfg, roll, rewards = setup
+  tx = optax.sgd(0.1)
+  rule = weighting.make("mgda", normalization="none", combine="rewards")
+  step = jax.jit(step_lib.make_train_step(
+      graphdef, tx, cfg, OFFSETS, NAMES, objective="grpo",
+      objective_cfg=objectives.defaults("grpo"), weight_rule=rule,
+      num_minibatches=1))
+  w0 = weighting.initial_weights(NAMES, [1.0] * 3)
+  _, m = step(step_lib.init_state(params, tx, w0), roll, rewards)
+  w = jnp.asarray([m[f"weights/{n}"] for n in NAMES])
+  eff = combine.effective_weights(rewards, jnp.ones(B * G), G, w)
+  for k, n in enumerate(NAMES):
+    assert m[f"combine/effective/{n}"] == pytest.approx(float(eff[k]),
+                                                        rel=1e-5)
+    assert f"grads/alignment/{n}" not in m
+  with pytest.raises(ValueError, match="advantage 'gdpo' with combine"):
+    step_lib.make_train_step(
+        graphdef, tx, cfg, OFFSETS, NAMES, objective="grpo",
+        objective_cfg=objectives.defaults("grpo"),
+        weight_rule=weighting.make("mgda"), advantage="gdpo")
 
 
 # popo stands for every rule on parameter gradients (mgda shares its Gram

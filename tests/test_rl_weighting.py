@@ -66,9 +66,9 @@ def test_initial_weights_and_rule_names():
   assert weighting.make("mgda", gradients="hidden").gradients == "hidden"
 
 
-def _signals(gram, losses=None):
+def _signals(gram):
   return weighting.Signals(jnp.zeros((4, 2)), jnp.ones(4), 2,
-                           jnp.asarray(gram, jnp.float32), losses)
+                           jnp.asarray(gram, jnp.float32))
 
 
 def test_popo_is_an_exponentiated_gradient_step_by_hand():
@@ -86,14 +86,9 @@ def test_popo_is_an_exponentiated_gradient_step_by_hand():
       rtol=1e-6)
   big = weighting.popo(jnp.asarray(w0), _signals(gram), 1e6, 1e-6)
   assert np.isfinite(big).all() and np.argmax(big) == 0
-  # min_weight keeps every weight off 0.
-  floor = weighting.popo(jnp.asarray(w0), _signals(gram), 1e6, 1e-6,
-                         min_weight=0.05)
-  assert np.asarray(floor).min() == pytest.approx(0.05, abs=1e-6)
-  assert float(jnp.sum(floor)) == pytest.approx(1.0)
   # With K = 3 a floor of 0.4 would leave negative mass: an error.
   with pytest.raises(ValueError, match="< 1 / K"):
-    weighting.popo(jnp.asarray(w0), _signals(gram), eta, mu, min_weight=0.4)
+    weighting.floor(jnp.asarray(w0), 0.4)
   # A non-finite Gram matrix keeps the weights.
   nan = weighting.popo(jnp.asarray(w0), _signals(gram * np.nan), eta, mu)
   np.testing.assert_allclose(nan, w0, rtol=1e-6)
@@ -120,3 +115,70 @@ def test_mgda_rule_is_the_min_norm_point_of_the_normalised_gradients():
   # An all-zero (Pareto-stationary everywhere) Gram matrix keeps weights.
   np.testing.assert_allclose(
       weighting.mgda(w0, _signals(np.zeros((3, 3))), "l2"), w0)
+
+
+def test_floor_is_the_euclidean_projection_onto_the_floored_simplex():
+  rng = np.random.default_rng(1)
+  m = 0.05
+  for _ in range(20):
+    w = rng.dirichlet(np.ones(4) * 0.3)
+    p = np.asarray(weighting.floor(jnp.asarray(w), m), np.float64)
+    assert p.min() >= m - 1e-7 and p.sum() == pytest.approx(1.0, abs=1e-6)
+    # KKT of min |p - w|^2 on {p >= m, sum p = 1}: p = max(w - theta, m)
+    # for one theta, i.e. w - p is the same on the weights above the floor
+    # and at most that where the floor binds.
+    above = p > m + 1e-6
+    theta = (w - p)[above]
+    np.testing.assert_allclose(theta, theta[0], atol=1e-6)
+    assert np.all((w - p)[~above] <= theta[0] + 1e-6)
+    # Idempotent, and a feasible point is left where it is.
+    np.testing.assert_allclose(weighting.floor(jnp.asarray(p), m), p,
+                               atol=1e-6)
+  np.testing.assert_allclose(
+      weighting.floor(jnp.asarray([0.97, 0.02, 0.01]), 0.05),
+      [0.9, 0.05, 0.05], atol=1e-6)
+
+
+def test_floor_bounds_the_applied_weights_and_leaves_the_state_alone():
+  gram = np.array([[4.0, -1.0], [-1.0, 0.5]])
+  w0 = jnp.asarray([0.5, 0.5])
+  free = weighting.make("popo", eta=1e-3, mu=1e-3)
+  floored = weighting.make("popo", eta=1e-3, mu=1e-3, min_weight=0.2)
+  s_free, s_floor = w0, w0
+  for step in range(40):
+    s_free = free(s_free, _signals(gram))
+    s_floor = floored(s_floor, _signals(gram))
+    # The state evolves exactly as without a floor, at every step.
+    np.testing.assert_array_equal(s_floor, s_free)
+    applied = np.asarray(floored.applied(s_floor))
+    if np.asarray(s_free).min() > 0.2:  # the floor does not bind
+      np.testing.assert_allclose(applied, s_free, atol=1e-6)
+    else:
+      assert applied.min() == pytest.approx(0.2, abs=1e-6), step
+  # The run went below the floor (the test covered both branches).
+  assert float(s_free.min()) < 0.2
+  np.testing.assert_array_equal(free.applied(s_free), s_free)
+
+
+def test_loss_normalisations_and_inconsistent_settings_are_rejected():
+  for mode in ("loss", "loss+"):
+    with pytest.raises(ValueError, match="exactly 0 at ratio 1"):
+      weighting.make("mgda", normalization=mode)
+    with pytest.raises(ValueError, match="exactly 0 at ratio 1"):
+      weighting.make("popo", normalization=mode)
+  with pytest.raises(ValueError, match="combine must be"):
+    weighting.make("popo", combine="paper_typo")
+  with pytest.raises(ValueError, match="fused per-reward gradients need"):
+    weighting.make("mgda", gradients="hidden", fused=True)
+  with pytest.raises(ValueError, match="fused per-reward gradients need"):
+    weighting.make("popo", combine="rewards", fused=True)
+  # The defaults: the consistent form for the gradient rules, fused where
+  # it can be; the paper's reward scalarisation for fixed and popo_light.
+  assert weighting.make("popo").combine == "objectives"
+  assert weighting.make("popo").fused
+  assert not weighting.make("popo", groups=2).fused
+  assert not weighting.make("mgda", gradients="hidden").fused
+  assert not weighting.make("mgda", layers="last:1", fused=False).fused
+  assert weighting.make("fixed").combine == "rewards"
+  assert weighting.make("popo_light").combine == "rewards"
+  assert weighting.make("fixed", combine="objectives").combine == "objectives"

@@ -14,9 +14,12 @@ on that same batch for every rule:
   popo_light        coefficient-of-variation weights (no gradients);
   mgda_ub           MGDA-UB: per-reward gradients w.r.t. the final hidden
                     states (the LM head's backward only);
-  popo, mgda        full per-reward gradients over every parameter (one
-                    forward + a 2-cotangent vmapped VJP) and the Gram
-                    matrix;
+  popo, mgda        full per-reward gradients over every parameter, fused
+                    into the first minibatch's backward (one forward + a
+                    K-cotangent vmapped VJP, + 1 with a KL term) and the
+                    Gram matrix (`WeightRule.fused`);
+  popo_separate     the same from a separate pass over the whole batch
+                    before the updates;
   popo_last1        the same over the last block and the final norm only;
   popo_quarter      full per-reward gradients on a quarter of the groups
                     (`weighting_cfg.groups`).
@@ -62,6 +65,7 @@ RULES = {
     "mgda_ub": lambda b: weighting.make("mgda", gradients="hidden"),
     "popo": lambda b: weighting.make("popo", mu=1e-3),
     "mgda": lambda b: weighting.make("mgda"),
+    "popo_separate": lambda b: weighting.make("popo", mu=1e-3, fused=False),
     "popo_last1": lambda b: weighting.make("popo", mu=1e-3, layers="last:1"),
     "popo_quarter": lambda b: weighting.make("popo", mu=1e-3,
                                              groups=max(b // 4, 1)),

@@ -162,7 +162,14 @@ def dynamic_sampling(rewards_n: jax.Array, valid_n: jax.Array,
     groups and (num_groups,) bool whether each has variance (False when the
     batch held fewer informative groups; the caller masks those out).
   """
-  has_var_b = group_has_variance(rewards_n, valid_n, group_size)
+  return pick_groups(group_has_variance(rewards_n, valid_n, group_size),
+                     num_groups)
+
+
+def pick_groups(has_var_b: jax.Array,
+                num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """`dynamic_sampling` given which groups carry a signal, (B,) bool (e.g.
+  those where any of several rewards varies)."""
   b = has_var_b.shape[0]
   if not 0 < num_groups <= b:
     raise ValueError(f"dynamic sampling keeps num_groups in [1, {b}], got "

@@ -30,7 +30,6 @@ the mesh (`tests/test_popo_gradients.py`, `tests/test_rl_pareto_step.py`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Sequence
 
@@ -38,7 +37,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from taiji_jax.rl import advantages as adv_lib
+from taiji_jax.rl import combine
 from taiji_jax.rl import objectives as obj_lib
 from taiji_jax.rl import popo
 from taiji_jax.rl import rollout as rollout_lib
@@ -92,15 +91,10 @@ def select_leaves(params, layers: str) -> list[bool]:
   return chosen
 
 
-def per_reward_advantages(rewards_nk: jax.Array, valid_n: jax.Array,
-                          group_size: int, kind: str) -> jax.Array:
-  """(N, K) group-relative advantages of each reward alone (GDPO's per-reward
-  normalisation is the std kind)."""
-  kind = "std" if kind == "gdpo" else kind
-  return jax.vmap(
-      lambda r_n: adv_lib.group_advantages(r_n, valid_n, group_size, kind),
-      in_axes=1,
-      out_axes=1)(rewards_nk)
+def chosen_subtree(tree, chosen: Sequence[bool]) -> list:
+  """The leaves of `tree` (or of a K-stacked gradient of it) that
+  `select_leaves` chose, in leaf order."""
+  return [x for x, c in zip(jax.tree.leaves(tree), chosen) if c]
 
 
 def make_gram_fn(graphdef,
@@ -128,7 +122,6 @@ def make_gram_fn(graphdef,
   if rule.gradients not in ("params", "hidden"):
     raise ValueError(f"rule {rule.name!r} takes no gradients.")
   loss_fn = obj_lib.get(objective)
-  head_cfg = dataclasses.replace(objective_cfg, kl_coef=0.0)
   g = rollout_cfg.group_size
   logprob_fn = rollout_lib.policy_logprobs(graphdef, rollout_cfg,
                                            level_offsets, allowed_v)
@@ -142,15 +135,9 @@ def make_gram_fn(graphdef,
     sub = jax.tree.map(lambda x: x[:rows], roll)
     r_nk = rewards_nk[:rows]
     v_n = valid_n[:rows]
-    adv_nk = per_reward_advantages(r_nk, v_n, g, advantage_kind)
-
-    def heads(logp_nc):
-
-      def one(adv_n, r_n):
-        batch = rollout_lib.policy_batch(sub, logp_nc, adv_n, r_n, v_n, g)
-        return loss_fn(batch, head_cfg)[0]
-
-      return jax.vmap(one, in_axes=(1, 1))(adv_nk, r_nk)
+    adv_nk = combine.per_reward_advantages(r_nk, v_n, g, advantage_kind)
+    heads = combine.objective_heads(loss_fn, objective_cfg, sub, adv_nk, r_nk,
+                                    v_n, g, with_kl=False)
 
     if rule.gradients == "hidden":
       frozen = jax.lax.stop_gradient(params)
@@ -183,14 +170,29 @@ def make_gram_fn(graphdef,
   return gram_fn
 
 
-def gram_metrics(gram: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
-  """Per-reward gradient norms, pairwise cosines and POPO's alignments."""
+def alignments(gram: jax.Array, weights_k: jax.Array) -> jax.Array:
+  """(K,) a_k = <g_k, d> / ||d||^2 of each objective with the direction
+  d = sum_j w_j g_j (0 where d = 0). For the min-norm weights a_k >= 1,
+  with equality on the support (KKT)."""
+  gw = gram @ weights_k
+  dd = weights_k @ gw
+  return jnp.where(dd > 0, gw / jnp.where(dd > 0, dd, 1.0), 0.0)
+
+
+def gram_metrics(gram: jax.Array, names: Sequence[str],
+                 weights_k: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Per-reward gradient norms, pairwise cosines, POPO's indicators I_k
+  (`grads/popo_I/*`) and, given the applied weights, the alignments a_k
+  with their direction (`grads/alignment/*`, `alignments`)."""
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  align = weighting.alignment(gram)
+  popo_i = weighting.alignment(gram)
+  align = None if weights_k is None else alignments(gram, weights_k)
   out = {}
   for i, a in enumerate(names):
     out[f"grads/norm/{a}"] = norms[i]
-    out[f"grads/alignment/{a}"] = align[i]
+    out[f"grads/popo_I/{a}"] = popo_i[i]
+    if align is not None:
+      out[f"grads/alignment/{a}"] = align[i]
     for j in range(i + 1, len(names)):
       denom = jnp.maximum(norms[i] * norms[j], 1e-30)
       out[f"grads/cos/{a}|{names[j]}"] = gram[i, j] / denom

@@ -123,7 +123,9 @@ def weight_rule(config) -> weighting.WeightRule:
       eta=eta,
       mu=float(wc.mu),
       normalization=wc.normalization,
-      min_weight=float(wc.min_weight))
+      min_weight=float(wc.min_weight),
+      combine=wc.combine,
+      fused=wc.fused)
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -3,7 +3,26 @@
 A weighting rule maps the state's current weights and this step's signals to
 new weights, inside the jitted RL step (the weights live in the train state,
 so a resumed run continues from the saved ones, and they are logged every
-step). The combined reward of rollout n is `sum_k w_k r_nk`.
+step). `WeightRule.applied` turns the rule's state into the weights the step
+applies: the state itself, or with `min_weight` > 0 its Euclidean projection
+onto {w >= min_weight, sum w = 1} (`floor`). The floor bounds what is
+applied; the state evolves untouched (a weight that reaches 0 in the
+state stays representable and can grow back through the rule itself).
+
+How the weights enter the loss is `WeightRule.combine` (`COMBINES`):
+
+  objectives  the loss is sum_k w_k L_k + KL, with L_k the policy objective
+              of reward k alone (its own group advantages), exactly the L_k
+              whose gradient g_k the gradient rules measure; the step is
+              then along sum_k w_k g_k (the default of popo and mgda);
+  rewards     the paper's form (methods §1.2c): the rewards are weighted,
+              r = sum_k w_k r_k, and r is normalised within its group. With
+              "std" advantages this applies w_k sigma_k / sigma_r (per
+              group) to g_k, not w_k: a reward with a small in-group spread
+              is under-weighted relative to what the rule computed (logged
+              as `combine/effective/<reward>`). With "center" or "none"
+              advantages the two forms coincide. The default of fixed and
+              popo_light, whose weights come from no gradient.
 
   fixed       the configured weights (hand-tuned scalarisation);
   popo_light  Taiji's industrial POPO: each reward's coefficient of variation
@@ -35,6 +54,12 @@ import jax.numpy as jnp
 from taiji_jax.rl import popo as popo_lib
 
 GRADIENTS = ("none", "params", "hidden")
+COMBINES = ("objectives", "rewards")
+# Gradient normalisations the RL rules accept. Sener & Koltun's "loss" and
+# "loss+" divide by the objective's value, and the policy surrogate at
+# ratio 1 with group-centred advantages is exactly 0 (its gradient is not):
+# those weights would be noise.
+RL_NORMALIZATIONS = ("none", "l2")
 
 
 class Signals(NamedTuple):
@@ -45,13 +70,11 @@ class Signals(NamedTuple):
     valid_n: (N,) > 0 at the rows that count.
     group_size: G (static).
     gram: (K, K) Gram matrix of the per-reward gradients (gradient rules).
-    losses: (K,) the per-reward losses at the step's parameters.
   """
   rewards_nk: jax.Array
   valid_n: jax.Array
   group_size: int
   gram: jax.Array | None = None
-  losses: jax.Array | None = None
 
 
 def fixed(weights_k: jax.Array, s: Signals) -> jax.Array:
@@ -95,28 +118,20 @@ def popo(weights_k: jax.Array,
          s: Signals,
          eta: float,
          mu: float,
-         normalization: str = "none",
-         min_weight: float = 0.0) -> jax.Array:
+         normalization: str = "none") -> jax.Array:
   """One exponentiated-gradient step on the simplex (mirror descent).
 
   w <- softmax(log w + eta * I / mu) = normalize(w * exp(eta * I / mu)),
-  with I the alignment of the (optionally normalised, `popo.normalize_gram`)
-  gradients. An objective whose gradient agrees with the others' sum gains
-  weight. `min_weight` > 0 mixes the result with the uniform weights,
-  w <- (1 - K min_weight) w + min_weight, so that no weight reaches 0 (a
-  weight of exactly 0 could never grow back under a multiplicative update).
-  A non-finite step keeps the previous weights.
+  with I the alignment of the (optionally l2-normalised,
+  `popo.normalize_gram`) gradients. An objective whose gradient agrees with
+  the others' sum gains weight. Computed in log space, so a huge step stays
+  finite; a non-finite step keeps the previous weights. (A floor on the
+  applied weights is `WeightRule.min_weight`, outside this update.)
   """
-  gram, _ = popo_lib.normalize_gram(s.gram, normalization, s.losses)
+  gram, _ = popo_lib.normalize_gram(s.gram, normalization)
   step = eta * alignment(gram) / mu
   logits = jnp.log(jnp.maximum(weights_k, 1e-30)) + step
   new = jax.nn.softmax(logits)
-  k = weights_k.shape[0]
-  if min_weight * k >= 1:
-    raise ValueError(f"popo min_weight {min_weight} leaves no mass for {k} "
-                     "rewards (it must be < 1 / K).")
-  if min_weight:
-    new = (1.0 - k * min_weight) * new + min_weight
   return jnp.where(jnp.all(jnp.isfinite(new)), new, weights_k)
 
 
@@ -125,7 +140,7 @@ def mgda(weights_k: jax.Array, s: Signals,
   """The min-norm weights of the (normalised) gradients, as weights on the
   raw gradients (`popo.scale_weights`); a non-finite or all-zero Gram matrix
   keeps the previous weights."""
-  gram, n = popo_lib.normalize_gram(s.gram, normalization, s.losses)
+  gram, n = popo_lib.normalize_gram(s.gram, normalization)
   w = popo_lib.scale_weights(popo_lib.min_norm_weights(gram), n)
   ok = jnp.all(jnp.isfinite(w)) & (jnp.max(jnp.diagonal(s.gram)) > 0)
   return jnp.where(ok, w, weights_k)
@@ -145,14 +160,37 @@ class WeightRule:
       "all", "last:N" (the last N blocks, the final norm and an untied LM
       head) or "re:<regex>" on the parameter paths.
     groups: rollout groups the gradients are taken on (0: all).
+    combine: how the weights enter the loss (`COMBINES`).
+    min_weight: the floor of the applied weights (`floor`; 0: none).
+    fused: take the per-reward gradients from the first minibatch's own
+      backward (K + 1 stacked cotangents: the K objectives and the KL
+      term; no separate pass), the Gram matrix then being that
+      minibatch's. Only with gradients "params", combine "objectives" and
+      groups 0; `make` turns it on there unless asked not to.
   """
   name: str
   fn: Callable[[jax.Array, Signals], jax.Array]
   gradients: str = "none"
   layers: str = "all"
   groups: int = 0
+  combine: str = "rewards"
+  min_weight: float = 0.0
+  fused: bool = False
 
   def __post_init__(self):
+    if self.combine not in COMBINES:
+      raise ValueError(f"weighting combine must be one of {COMBINES}, got "
+                       f"{self.combine!r}.")
+    if not 0 <= self.min_weight < 0.5:
+      raise ValueError(f"weighting min_weight must be in [0, 0.5), got "
+                       f"{self.min_weight}.")
+    if self.fused and not (self.gradients == "params" and
+                           self.combine == "objectives" and not self.groups):
+      raise ValueError(
+          "fused per-reward gradients need gradients='params', "
+          f"combine='objectives' and groups=0; got gradients="
+          f"{self.gradients!r}, combine={self.combine!r}, groups="
+          f"{self.groups}.")
     if self.gradients not in GRADIENTS:
       raise ValueError(f"weighting gradients must be one of {GRADIENTS}, got "
                        f"{self.gradients!r}.")
@@ -167,6 +205,36 @@ class WeightRule:
   def __call__(self, weights_k: jax.Array, s: Signals) -> jax.Array:
     return self.fn(weights_k, s)
 
+  def applied(self, weights_k: jax.Array) -> jax.Array:
+    """The weights the step applies for the rule's state `weights_k`."""
+    return floor(weights_k, self.min_weight) if self.min_weight else (
+        weights_k)
+
+
+def floor(weights_k: jax.Array, min_weight: float) -> jax.Array:
+  """Euclidean projection of `weights_k` onto {w >= m, sum w = 1}.
+
+  w = m + P(weights - m), P the projection onto the simplex scaled to
+  1 - K m (sort-based, Duchi et al. 2008). Weights already >= m that sum
+  to 1 are returned unchanged; the result sums to 1 and is >= m.
+
+  Raises:
+    ValueError: K m >= 1 (no mass left above the floor).
+  """
+  w = jnp.asarray(weights_k, jnp.float32)
+  k = w.shape[0]
+  if min_weight * k >= 1:
+    raise ValueError(f"min_weight {min_weight} leaves no mass for {k} "
+                     "rewards (it must be < 1 / K).")
+  mass = 1.0 - k * min_weight
+  v = w - min_weight
+  u = jnp.sort(v)[::-1]
+  css = jnp.cumsum(u) - mass
+  idx = jnp.arange(1, k + 1, dtype=w.dtype)
+  rho = jnp.sum((u - css / idx) > 0)
+  theta = css[rho - 1] / rho.astype(w.dtype)
+  return min_weight + jnp.maximum(v - theta, 0.0)
+
 
 RULES: Sequence[str] = ("fixed", "popo_light", "popo", "mgda")
 
@@ -179,35 +247,57 @@ def make(name: str,
          eta: float = 1e-4,
          mu: float = 1e-5,
          normalization: str = "",
-         min_weight: float = 0.0) -> WeightRule:
-  """The rule `name` with its settings (the gradient settings only matter
-  for popo and mgda; `normalization` "" takes the rule's default: "none"
-  for popo as in the paper, "l2" for mgda)."""
+         min_weight: float = 0.0,
+         combine: str = "auto",
+         fused: str | bool = "auto") -> WeightRule:
+  """The rule `name` with its settings.
+
+  The gradient settings only matter for popo and mgda; `normalization` ""
+  takes the rule's default ("none" for popo as in the paper, "l2" for
+  mgda); `combine` "auto" is "objectives" for popo and mgda and "rewards"
+  for fixed and popo_light (module docstring); `fused` "auto" fuses the
+  per-reward gradients into the first minibatch's backward wherever
+  `WeightRule.fused` allows it.
+  """
   if name not in RULES:
     raise ValueError(f"unknown reward weighting {name!r}; known: "
                      f"{list(RULES)}.")
-  if normalization and normalization not in popo_lib.NORMALIZATIONS:
+  if normalization in ("loss", "loss+"):
+    raise ValueError(
+        f"gradient normalisation {normalization!r} divides by the policy "
+        "loss, which is exactly 0 at ratio 1 with group-centred advantages "
+        "(the GRPO surrogate's value carries no scale); use "
+        f"{RL_NORMALIZATIONS}.")
+  if normalization and normalization not in RL_NORMALIZATIONS:
     raise ValueError(f"unknown gradient normalisation {normalization!r}; use "
-                     f"one of {popo_lib.NORMALIZATIONS}.")
+                     f"one of {RL_NORMALIZATIONS}.")
+  if combine == "auto":
+    combine = "objectives" if name in ("popo", "mgda") else "rewards"
+  if isinstance(fused, str) and fused.lower() in ("true", "false"):
+    fused = fused.lower() == "true"  # a config string
+  if fused not in ("auto", True, False):
+    raise ValueError(f"weighting fused must be 'auto', True or False, got "
+                     f"{fused!r}.")
+  common = dict(combine=combine, min_weight=min_weight)
   if name == "fixed":
-    return WeightRule(name, fixed)
+    return WeightRule(name, fixed, **common)
   if name == "popo_light":
-    return WeightRule(name, popo_light)
+    return WeightRule(name, popo_light, **common)
   if name == "popo":
     if not mu > 0 or not eta >= 0:
       raise ValueError(f"popo needs eta >= 0 and mu > 0, got eta={eta}, "
                        f"mu={mu}.")
-    if not 0 <= min_weight < 0.5:
-      raise ValueError(f"min_weight must be in [0, 0.5), got {min_weight}.")
     fn = functools.partial(popo, eta=eta, mu=mu,
-                           normalization=normalization or "none",
-                           min_weight=min_weight)
+                           normalization=normalization or "none")
   else:
     fn = functools.partial(mgda, normalization=normalization or "l2")
   if gradients == "none":
     raise ValueError(f"weighting {name!r} needs gradients ('params' or "
                      "'hidden'), got 'none'.")
-  return WeightRule(name, fn, gradients, layers, groups)
+  if fused == "auto":
+    fused = gradients == "params" and combine == "objectives" and not groups
+  return WeightRule(name, fn, gradients, layers, groups, fused=bool(fused),
+                    **common)
 
 
 def initial_weights(names: Sequence[str], weights: dict | Sequence[float]
