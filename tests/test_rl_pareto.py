@@ -44,12 +44,13 @@ def test_variants_and_their_overrides():
   config = config_lib.load_config_file(CONFIG)
   names = [n for n, _ in pareto.variants(config)]
   assert names == ["fixed_0.00", "fixed_0.25", "fixed_0.50", "fixed_0.75",
-                   "fixed_1.00", "popo", "popo_light", "mgda"]
+                   "fixed_1.00", "popo", "popo_light", "mgda", "gdpo"]
   overrides = dict(pareto.variants(config))
   assert overrides["fixed_0.25"]["weights.preference"] == 0.75
   assert overrides["popo"]["weighting"] == "popo"
   assert overrides["popo"]["weighting_cfg.mu"] == 2e-3
   assert overrides["mgda"]["weighting_cfg.normalization"] == "l2"
+  assert overrides["gdpo"] == {"weighting": "fixed", "advantage": "gdpo"}
   # Every variant's overrides apply to the RL config.
   for name, o in pareto.variants(config):
     config_lib.with_overrides(config.rl, **o)

@@ -249,8 +249,8 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   saved = json.loads((tmp_path / "results.json").read_text())
   runs_0 = saved["per_seed"]["0"]
   assert set(runs_0) == {"sft", "fixed_0.00", "fixed_1.00", "popo",
-                         "popo_light", "mgda"}
-  for name in ("popo", "popo_light", "mgda"):
+                         "popo_light", "mgda", "gdpo"}
+  for name in ("popo", "popo_light", "mgda", "gdpo"):
     w = runs_0[name]["weights"]
     assert len(w["semantic"]) == 2
     for a, b in zip(w["semantic"], w["preference"]):
@@ -260,6 +260,16 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   for r in records:
     assert r["grads/norm/semantic"] > 0 and r["grads/norm/preference"] > 0
     assert -1.0 <= r["grads/cos/semantic|preference"] <= 1.0
+    # The alignments a_k = <g_k, d> / |d|^2 with the applied direction
+    # d = sum_k w_k g_k: sum_k w_k a_k = 1 by construction.
+    names = ("semantic", "preference")
+    assert sum(r[f"weights/{n}"] * r[f"grads/alignment/{n}"]
+               for n in names) == pytest.approx(1.0, rel=1e-3)
+    assert all(f"grads/popo_I/{n}" in r for n in names)
+  for r in trainer.read_metrics(tmp_path / "seed_0" / "popo"):
+    # min_weight floors the applied weights; the state is logged beside.
+    assert min(r["weights/semantic"], r["weights/preference"]) >= 0.02 - 1e-6
+    assert "weights_state/semantic" in r
   assert "grads/norm/semantic" not in trainer.read_metrics(
       tmp_path / "seed_0" / "popo_light")[0]
   table = (tmp_path / "table.md").read_text()
@@ -269,7 +279,7 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   for png in ("front.png", "weights.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert set(summary["hypervolume"]["per_rule"]) == {"popo", "popo_light",
-                                                     "mgda"}
+                                                     "mgda", "gdpo"}
   # A finished seed is read back, not trained again.
   log = tmp_path / "seed_0" / "popo" / "metrics.jsonl"
   before = log.read_text()
