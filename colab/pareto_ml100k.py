@@ -27,8 +27,10 @@ WORKDIR = ROOT / "runs" / ("smoke_pareto" if SMOKE else "ml100k_pareto")
 # %% [markdown]
 # ## Every seed: SFT, then one GRPO run per weighting
 # Fixed semantic weights 0, 0.25, 0.5, 0.75, 1 (preference = 1 - w) and the
-# adaptive rules popo, popo_light and mgda, which start at 0.5 / 0.5. A
-# finished seed is read back from its `seed_results.json`.
+# adaptive rules popo, popo_light and mgda, which start at 0.5 / 0.5, and
+# GDPO (per-reward normalisation, fixed 0.5 / 0.5). popo and mgda use the
+# consistent loss sum_k w_k L_k + KL (`weighting_cfg.combine`). A finished
+# seed is read back from its `seed_results.json`.
 
 # %%
 config = config_lib.load_config_file(ROOT / "configs" / "ml100k_pareto.py",
@@ -51,13 +53,17 @@ display.display(display.Image(str(WORKDIR / "weights.png")))
 # %% [markdown]
 # ## Why the rules move the way they do (seed 0)
 # The per-reward gradient norms and their cosine, logged every step by the
-# gradient-based rules: POPO's step is eta / mu (|g_k|^2 + <g_k, g_j>), so it
-# moves weight to the reward with the larger gradient; MGDA on l2-normalised
-# gradients gives each reward a weight inversely proportional to its norm.
+# gradient-based rules, with POPO's indicators I_k (`grads/popo_I/*`) and
+# the alignment a_k = <g_k, d> / |d|^2 of each reward with the applied
+# direction d (`grads/alignment/*`): POPO's step is eta / mu (|g_k|^2 +
+# <g_k, g_j>), so it moves weight to the reward with the larger gradient;
+# MGDA on l2-normalised gradients gives each reward a weight inversely
+# proportional to its norm.
 
 # %%
 for name in ("popo", "mgda"):
   records = trainer.read_metrics(WORKDIR / "seed_0" / name)
   first, last = records[0], records[-1]
   print(name, {k: (round(first[k], 4), round(last[k], 4))
-               for k in first if k.startswith(("grads/", "weights/"))})
+               for k in first
+               if k.startswith(("grads/", "weights/", "weights_state/"))})

@@ -141,32 +141,35 @@ def make_train_step(graphdef,
       return jnp.concatenate([weights_k, jnp.ones((1,), weights_k.dtype)])
     return weights_k
 
+  def objective_metrics(mb, weights_k, logp, entropy):
+    """The objective's own logs (clip fraction, KL, ...) and the entropy, on
+    the combined advantages; with "rewards" also the loss."""
+    mb_roll, mb_adv, mb_rewards, mb_valid = mb
+    if per_objective:
+      mb_adv, mb_rewards = mb_adv @ weights_k, mb_rewards @ weights_k
+    batch = rollout_lib.policy_batch(mb_roll, logp, mb_adv, mb_rewards,
+                                     mb_valid, g)
+    loss, metrics = loss_fn_obj(batch, objective_cfg)
+    token_mask = mb_roll.loss_mask * mb_valid[:, None]
+    return loss, dict(metrics, entropy=_masked_mean(entropy, token_mask))
+
+  def heads_of(mb):
+    """logp -> the K per-reward objectives (+ the KL term) of a minibatch."""
+    mb_roll, mb_adv, mb_rewards, mb_valid = mb
+    return combine.objective_heads(loss_fn_obj, objective_cfg, mb_roll,
+                                   mb_adv, mb_rewards, mb_valid, g, with_kl)
+
   def minibatch_loss(mb, weights_k):
     """loss(params) -> (loss, metrics) of a minibatch under `weights_k`."""
-    mb_roll, mb_adv, mb_rewards, mb_valid = mb
-
-    def objective_metrics(logp, entropy):
-      if per_objective:  # the combined view, for the objective's own logs
-        adv_n, reward_n = mb_adv @ weights_k, mb_rewards @ weights_k
-      else:
-        adv_n, reward_n = mb_adv, mb_rewards
-      batch = rollout_lib.policy_batch(mb_roll, logp, adv_n, reward_n,
-                                       mb_valid, g)
-      loss, metrics = loss_fn_obj(batch, objective_cfg)
-      token_mask = mb_roll.loss_mask * mb_valid[:, None]
-      return loss, dict(metrics, entropy=_masked_mean(entropy, token_mask))
 
     def loss_fn(p):
-      logp, entropy = logprob_fn(p, mb_roll)
-      loss, metrics = objective_metrics(logp, entropy)
+      logp, entropy = logprob_fn(p, mb[0])
+      loss, metrics = objective_metrics(mb, weights_k, logp, entropy)
       if per_objective:
-        heads = combine.objective_heads(loss_fn_obj, objective_cfg, mb_roll,
-                                        mb_adv, mb_rewards, mb_valid, g,
-                                        with_kl)
-        loss = heads(logp) @ coefficients(weights_k)
+        loss = heads_of(mb)(logp) @ coefficients(weights_k)
       return loss, metrics
 
-    return loss_fn, objective_metrics
+    return loss_fn
 
   def apply(params, opt_state, loss, grads, metrics):
     ok = jnp.isfinite(loss) & _all_finite(grads)
@@ -184,11 +187,9 @@ def make_train_step(graphdef,
   def fused_update(params, opt_state, mb, state_w, signals):
     """The first minibatch's update, its per-reward gradients and weights
     from one forward and one VJP of K (+ KL) stacked cotangents."""
-    mb_roll, mb_adv, mb_rewards, mb_valid = mb
-    heads = combine.objective_heads(loss_fn_obj, objective_cfg, mb_roll,
-                                    mb_adv, mb_rewards, mb_valid, g, with_kl)
+    heads = heads_of(mb)
     losses, grads_k, (logp, entropy) = popo.objective_gradients(
-        lambda p: logprob_fn(p, mb_roll), lambda out: heads(out[0]), params)
+        lambda p: logprob_fn(p, mb[0]), lambda out: heads(out[0]), params)
     k = len(names)
     chosen = reward_gradients.select_leaves(params, weight_rule.layers)
     picked = [x[:k] for x in reward_gradients.chosen_subtree(grads_k, chosen)]
@@ -197,8 +198,7 @@ def make_train_step(graphdef,
     weights_k = weight_rule.applied(new_state_w)
     coef = coefficients(weights_k)
     grads = jax.tree.map(lambda x: jnp.tensordot(coef, x, axes=1), grads_k)
-    _, objective_metrics = minibatch_loss(mb, weights_k)
-    metrics = objective_metrics(logp, entropy)[1]
+    metrics = objective_metrics(mb, weights_k, logp, entropy)[1]
     carry, metrics = apply(params, opt_state, losses @ coef, grads, metrics)
     return carry, metrics, gram, new_state_w, weights_k
 
@@ -251,28 +251,27 @@ def make_train_step(graphdef,
       return jax.tree.map(lambda x: x[rows], data)
 
     params, opt_state = state["params"], state["opt_state"]
-    first = []
+    first = None  # the fused update's metrics
     if weight_rule.fused:
-      (params, opt_state), m0, gram, state_w, weights_k = fused_update(
+      (params, opt_state), first, gram, state_w, weights_k = fused_update(
           params, opt_state, rows_of(orders[0]), state["reward_weights"],
           signals)
-      first, orders = [m0], orders[1:]
+      orders = orders[1:]
 
     def update(carry, groups_m):
-      loss_fn, _ = minibatch_loss(rows_of(groups_m), weights_k)
       (loss, metrics), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(carry[0])
+          minibatch_loss(rows_of(groups_m), weights_k), has_aux=True)(
+              carry[0])
       return apply(*carry, loss, grads, metrics)
 
-    per_update = {}
+    per_update = None
     if orders.shape[0]:
       (params, opt_state), per_update = jax.lax.scan(
           update, (params, opt_state), orders)
-    if first:
-      per_update = {
-          key: jnp.concatenate([v[None], per_update[key]])
-               if per_update else v[None] for key, v in first[0].items()
-      }
+    if first is not None:
+      first = jax.tree.map(lambda v: v[None], first)
+      per_update = first if per_update is None else jax.tree.map(
+          lambda a, c: jnp.concatenate([a, c]), first, per_update)
     metrics = {k: jnp.mean(v) for k, v in per_update.items()}
     metrics["skipped"] = jnp.sum(per_update["skipped"])
     metrics["updates"] = jnp.asarray(per_update["skipped"].shape[0],
