@@ -76,6 +76,16 @@ def get_config(arg=None):
       "path": "",
       "batch_size": 64
   })
+  # Held-out judges in every evaluation (taiji_jax.rl.judges): models the
+  # policy is not trained on. semantic: another text encoder (a causal LM,
+  # mean-pooled and centred); preference: item-kNN on the training split.
+  c.judges = ml_collections.ConfigDict(
+      dict(
+          names=("semantic", "preference"),
+          text_encoder=dict(
+              name="SmolLM2-135M-Instruct", path="", batch_size=32),
+          knn_neighbours=100,
+          knn_shrink=0.0))
 
   c.rollout = ml_collections.ConfigDict(
       dict(
@@ -118,6 +128,9 @@ def get_config(arg=None):
   c.max_skipped_steps = 3
 
   if arg.smoke:
+    # The LM judge costs a model download and a catalogue encoding; smoke
+    # tests that check it pass judges.text_encoder.path (a tiny GGUF).
+    c.judges.names = ("preference",)
     c.rollout.group_size = 4
     c.rollout.max_think = 8
     c.train.batch_size = 8

@@ -9,11 +9,13 @@ import json
 import pathlib
 import sys
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
 
 from taiji_jax import config_lib
+from taiji_jax.models import decoder
 from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import trainer
 from taiji_jax.testing import runs
@@ -239,13 +241,23 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   weights and the three adaptive rules; the gradient rules log their
   gradient statistics, the weights they used, and stay on the simplex."""
   from taiji_jax.rl import pareto  # pylint: disable=g-import-not-at-top
+  from taiji_jax.testing import gguf as gguf_testing  # pylint: disable=g-import-not-at-top
+  lm_cfg = decoder.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
+  judge_lm = tmp_path / "judge_lm.gguf"
+  gguf_testing.write_gguf(judge_lm, lm_cfg,
+                          decoder.Decoder(lm_cfg, rngs=nnx.Rngs(0)))
   config = config_lib.with_overrides(
       config_lib.load_config_file(CONFIGS / "ml100k_pareto.py", "smoke"), **{
           "sft_workdir": str(stages / "sft"),
           "rl.sasrec_workdir": str(stages / "sasrec"),
           "rl.train.num_steps": 2,
+          "rl.judges.names": ("semantic", "preference"),
+          "rl.judges.text_encoder.name": "tiny-lm",
+          "rl.judges.text_encoder.path": str(judge_lm),
       })
   summary = pareto.run(config, tmp_path)
+  # The judge encoder ran once; the other runs read the first one's file.
+  assert len(list(tmp_path.glob("seed_0/*/embeddings/judge.npz"))) == 1
   saved = json.loads((tmp_path / "results.json").read_text())
   runs_0 = saved["per_seed"]["0"]
   assert set(runs_0) == {"sft", "fixed_0.00", "fixed_1.00", "popo",
@@ -272,10 +284,24 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
     assert "weights_state/semantic" in r
   assert "grads/norm/semantic" not in trainer.read_metrics(
       tmp_path / "seed_0" / "popo_light")[0]
+  for name in runs_0:
+    for key in ("judge/semantic@1", "judge/preference@1", "label_acc@1"):
+      assert np.isfinite(runs_0[name]["test"][key]), (name, key)
+    assert -1.0 <= runs_0[name]["test"]["judge/semantic@1"] <= 1.0
+    assert 0.0 <= runs_0[name]["test"]["judge/preference@1"] <= 1.0
   table = (tmp_path / "table.md").read_text()
   for name in ("SFT", "fixed_0.00", "popo", "popo_light", "mgda"):
     assert f"| {name} | " in table
   assert "the reference point (0.350, 0.750)" in table
+  assert "judge: semantic@1 (SmolLM2) |" in table.splitlines()[0]
+  first = table.split("\n\n")[0].splitlines()[2:]
+  assert all(c.strip() != "-" for line in first for c in line.split("|"))
+  judged = summary["hypervolume_judges"]
+  assert judged["metrics"] == ["judge/semantic@1", "judge/preference@1"]
+  sft_valid = runs_0["sft"]["valid"]
+  assert judged["references"][0] == [sft_valid["judge/semantic@1"],
+                                     sft_valid["judge/preference@1"]]
+  assert "Hypervolume (x 1e-3) of the held-out judges" in table
   for png in ("front.png", "weights.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert set(summary["hypervolume"]["per_rule"]) == {"popo", "popo_light",

@@ -243,13 +243,13 @@ def load_hf_checkpoint(
         model_name=_MODEL_NAME,
         ignored=_ignored(cfg),
         files=paths_of if len(opened) > 1 else None)
-    model = _fill(cfg, layout, file_of, mesh, rules)
+    model = fill_decoder(cfg, layout, file_of, mesh, rules)
   logging.info("loaded %s (%s, %d layers, vocab %d) from %s", _MODEL_NAME,
                cfg.param_dtype, cfg.num_layers, cfg.vocab_size, directory)
   return cfg, model
 
 
-def _fill(
+def fill_decoder(
     cfg: decoder_lib.DecoderConfig,
     layout: dict[str, bert.TensorSpec],
     file_of: dict[str, bert.SafetensorsFile],

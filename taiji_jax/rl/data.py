@@ -3,7 +3,7 @@
 Pure data preparation on the host; `rl/trainer.py` wires it to the jitted
 rollout, update and evaluation. The evaluation step is the SFT stage's
 (trie-constrained beam, history excluded) plus the semantic and preference
-rewards of the ranked items.
+rewards of the ranked items and the held-out judges (`rl/judges.py`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pathlib
 
 from flax import nnx
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from taiji_jax.cot import data as cot_data
+from taiji_jax.rl import judges as judges_lib
 from taiji_jax.rl import rewards as rewards_lib
-from taiji_jax.train import build_sids
+from taiji_jax.text import embedding_cache
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft
 from taiji_jax.train import sft_data
@@ -26,28 +26,74 @@ from taiji_jax.train import sft_eval
 EVAL_REWARDS = ("semantic", "preference")
 
 
+def normalised_rows(x: np.ndarray) -> np.ndarray:
+  """(I + 1, D): a zero row 0 (padding) above the L2-normalised rows of x."""
+  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return np.concatenate([np.zeros((1, x.shape[1]), np.float32), x])
+
+
 def item_embeddings(config, sids_workdir: pathlib.Path, dataset,
                     workdir: pathlib.Path) -> np.ndarray:
   """(I + 1, D) L2-normalised text embeddings of every item; row 0 zeros.
 
-  Reuses the sids stage's (`sids_workdir`) `embeddings/content.npz` when its cache key
-  (encoder, path, hash of the item texts) matches, else encodes into
-  `<workdir>/embeddings/content.npz`.
+  Reuses the sids stage's (`sids_workdir`) `embeddings/content.npz` when it
+  holds the same encoder's embeddings of the same item texts, else encodes
+  into `<workdir>/embeddings/content.npz`.
   """
-  enc = config.text_encoder
-  cfg = ml_collections.ConfigDict({
-      "progress_bar": bool(config.progress_bar),
-      "representation": {
-          "text_encoder": enc.to_dict()
-      },
-  })
   texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
-  cached = build_sids.cached_key(sids_workdir / "embeddings" / "content.npz")
-  source = sids_workdir if cached == build_sids.content_key(enc, texts) else (
-      workdir)
-  x = build_sids.content_embeddings(cfg, dataset, source)
-  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return np.concatenate([np.zeros((1, x.shape[1]), np.float32), x])
+  x = embedding_cache.text_embeddings(
+      config.text_encoder,
+      texts,
+      workdir / "embeddings" / "content.npz",
+      progress=bool(config.progress_bar),
+      also=[sids_workdir / "embeddings" / "content.npz"])
+  return normalised_rows(x)
+
+
+def judge_tables(config, dataset, split, sids_workdir: pathlib.Path,
+                 workdir: pathlib.Path) -> dict[str, np.ndarray]:
+  """The held-out judges' tables (`taiji_jax.rl.judges`) for the named
+  `config.judges.names`.
+
+  The semantic judge's item embeddings are cached in
+  `<workdir>/embeddings/judge.npz`, or read from a sibling run's (same
+  encoder, same texts: the key says so), so the runs of one experiment
+  encode the catalogue once.
+
+  Raises:
+    ValueError: an unknown judge, or the semantic judge's encoder is the
+      semantic reward's (then it would not be held out).
+  """
+  jc = config.judges
+  names = list(jc.names)
+  unknown = [n for n in names if n not in judges_lib.JUDGES]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"config.judges.names={names}: unknown {unknown} or "
+                     f"repeated; known: {judges_lib.JUDGES}.")
+  out = {}
+  if "semantic" in names:
+    enc, reward_enc = jc.text_encoder, config.text_encoder
+    if (enc.name, enc.path) == (reward_enc.name, reward_enc.path):
+      raise ValueError(
+          f"config.judges.text_encoder is the semantic reward's encoder "
+          f"({enc.name!r}); a judge must be a model the policy was not "
+          "trained on.")
+    texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
+    here = workdir / "embeddings" / "judge.npz"
+    siblings = sorted(workdir.absolute().parent.glob("*/embeddings/judge.npz"))
+    x = embedding_cache.text_embeddings(
+        enc,
+        texts,
+        here,
+        progress=bool(config.progress_bar),
+        also=[p for p in siblings if p != here.absolute()] +
+        [sids_workdir / "embeddings" / "judge.npz"])
+    out["judge_item_embeddings"] = judges_lib.centred_rows(x)
+  if "preference" in names:
+    out["judge_item_knn"] = judges_lib.item_knn(
+        split["train"]["sequences"], dataset.num_items,
+        neighbours=int(jc.knn_neighbours), shrink=float(jc.knn_shrink))
+  return out
 
 
 def load_sasrec(path: pathlib.Path, dataset):
@@ -116,9 +162,11 @@ def eval_parts(sft_config, data: sft.Data,
   return out
 
 
-def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef):
+def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef,
+                   judge_names=()):
   """`step({"policy", "tables"}, batch)`: the SFT evaluation plus the
-  semantic / preference rewards of the top-1 and top-10 items."""
+  semantic / preference rewards (`reward/*`) and the held-out judges
+  (`judge/*`, `judge_names`) of the top-1 and top-10 items."""
   base = sft_eval.make_eval_step(
       sft_config,
       graphdef,
@@ -147,6 +195,15 @@ def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef):
     for k, name in enumerate(names):
       out[f"reward/{name}@1"] = r_bjk[:, 0, k]
       out[f"reward/{name}@{depth}"] = r_bjk[:, :, k].mean(1)
+    if judge_names:
+      out.update(
+          judges_lib.judge_metrics(
+              both["tables"],
+              items_bk[:, :depth],
+              batch["targets"],
+              batch["seen_items"],
+              names=judge_names,
+              ks=sorted({1, depth})))
     return out
 
   return step

@@ -31,10 +31,11 @@ from taiji_jax.train import workdir as workdir_lib
 
 # (results key, column header) of the table.
 TABLE_METRICS = (
-    ("reward/semantic@1", "semantic reward@1"),
-    ("reward/preference@1", "preference reward@1"),
-    ("reward/semantic@10", "semantic@10"),
-    ("reward/preference@10", "preference@10"),
+    ("reward/semantic@1", "semantic reward@1 (trained)"),
+    ("reward/preference@1", "preference reward@1 (trained)"),
+    ("judge/semantic@1", "judge: semantic@1 (SmolLM2)"),
+    ("judge/preference@1", "judge: preference@1 (item-kNN)"),
+    ("label_acc@1", "judge: genre acc@1"),
     ("recall@10", "Recall@10"),
     ("ndcg@10", "NDCG@10"),
 )

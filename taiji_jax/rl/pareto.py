@@ -27,7 +27,10 @@ Hypervolume (maximising both rewards) is measured against the stated
 reference point `config.reference` (semantic, preference): per seed, of the
 fixed-weight front alone and of the front with each adaptive point added;
 an adaptive rule "extends the front" in a seed when that adds volume, and
-"lands on or beyond it" when no fixed point dominates it. Every stage
+"lands on or beyond it" when no fixed point dominates it. The same analysis
+is made of the held-out judges (`judge/semantic@1`, `judge/preference@1`,
+models the policy never saw) against each seed's SFT model's valid judge
+point, so a rule that only games the reward models shows it there. Every stage
 resumes or reuses a finished run, so re-running continues where it stopped.
 """
 
@@ -50,15 +53,20 @@ from taiji_jax.train import workdir as workdir_lib
 
 X_METRIC = "reward/semantic@1"
 Y_METRIC = "reward/preference@1"
+# The (x, y) metrics of each front: the training rewards, and the held-out
+# judges (`taiji_jax.rl.judges`), which the policy never saw.
+FRONTS = {
+    "rewards": (X_METRIC, Y_METRIC),
+    "judges": ("judge/semantic@1", "judge/preference@1"),
+}
 TABLE_METRICS = (
-    ("reward/semantic@1", "semantic@1"),
-    ("reward/preference@1", "preference@1"),
-    ("reward/semantic@10", "semantic@10"),
-    ("reward/preference@10", "preference@10"),
+    ("reward/semantic@1", "semantic reward@1 (trained)"),
+    ("reward/preference@1", "preference reward@1 (trained)"),
+    ("judge/semantic@1", "judge: semantic@1 (SmolLM2)"),
+    ("judge/preference@1", "judge: preference@1 (item-kNN)"),
+    ("label_acc@1", "judge: genre acc@1"),
     ("recall@10", "Recall@10"),
     ("ndcg@10", "NDCG@10"),
-    ("label_acc@1", "genre acc@1"),
-    ("label_jaccard@1", "genre Jaccard@1"),
 )
 
 
@@ -123,7 +131,10 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
         **overrides)
     results = trainer.train_and_evaluate(rl_config, root / name)
     if i == 0:
-      out["sft"] = {"test": results["sft"]["test"]}
+      out["sft"] = {
+          "test": results["sft"]["test"],
+          "valid": results["sft"]["valid"]
+      }
     out[name] = {
         "test": results["test_last"],
         "valid": results["valid"],
@@ -193,16 +204,31 @@ def gap_to_front(point, front) -> float | None:
   return y - float(np.interp(x, f[:, 0], f[:, 1]))
 
 
-def _xy(test: dict) -> tuple[float, float]:
-  return float(test[X_METRIC]), float(test[Y_METRIC])
+def _xy(test: dict, metrics=(X_METRIC, Y_METRIC)) -> tuple[float, float]:
+  return float(test[metrics[0]]), float(test[metrics[1]])
+
+
+def judge_references(per_seed: dict[int, dict]) -> dict[int, tuple] | None:
+  """Per seed, the judges' hypervolume reference: the SFT model's *valid*
+  judge point (fixed before any test metric is read: the area counted is
+  where both judges rate the model above the SFT model). None when the
+  runs have no judges."""
+  out = {}
+  for s, runs in per_seed.items():
+    valid = (runs["sft"].get("valid") or {})
+    if not all(m in valid for m in FRONTS["judges"]):
+      return None
+    out[s] = _xy(valid, FRONTS["judges"])
+  return out
 
 
 def summarize(config: ml_collections.ConfigDict,
               per_seed: dict[int, dict]) -> dict[str, Any]:
-  """Seed statistics per variant and the hypervolume analysis."""
+  """Seed statistics per variant and the hypervolume analyses: of the
+  training rewards against `config.reference` ("hypervolume") and of the
+  judges against `judge_references` ("hypervolume_judges", when there are
+  judges)."""
   names = ["sft"] + [n for n, _ in variants(config)]
-  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
-  ref = tuple(float(v) for v in config.reference)
   stats = {}
   for name in names:
     tests = [per_seed[s][name]["test"] for s in per_seed]
@@ -210,17 +236,48 @@ def summarize(config: ml_collections.ConfigDict,
     stats[name] = {
         k: workdir_lib.seed_stats(t[k] for t in tests) for k in keys
     }
-  fronts = {s: [_xy(per_seed[s][n]["test"]) for n in fixed] for s in per_seed}
+  ref = tuple(float(v) for v in config.reference)
+  out = {
+      "stats":
+          stats,
+      "hypervolume":
+          front_analysis(config, per_seed, FRONTS["rewards"],
+                         {s: ref for s in per_seed})
+  }
+  judge_refs = judge_references(per_seed)
+  have_judges = all(
+      m in per_seed[s][n]["test"] for s in per_seed for n in names[1:]
+      for m in FRONTS["judges"])
+  if judge_refs is not None and have_judges:
+    out["hypervolume_judges"] = front_analysis(config, per_seed,
+                                               FRONTS["judges"], judge_refs)
+  return out
+
+
+def front_analysis(config: ml_collections.ConfigDict,
+                   per_seed: dict[int, dict], metrics: tuple[str, str],
+                   refs: dict[int, tuple]) -> dict[str, Any]:
+  """Hypervolumes of the test points on `metrics` against `refs[seed]`: of
+  the fixed-weight front, and per adaptive rule of its point alone and
+  added to the front (module docstring)."""
+  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  fronts = {
+      s: [_xy(per_seed[s][n]["test"], metrics) for n in fixed]
+      for s in per_seed
+  }
+  distinct = sorted(set(refs.values()))
   hv: dict[str, Any] = {
-      "reference": ref,
-      "fixed_front": [hypervolume_2d(f, ref) for f in fronts.values()],
+      "metrics": list(metrics),
+      "reference": distinct[0] if len(distinct) == 1 else None,
+      "references": {int(s): list(r) for s, r in refs.items()},
+      "fixed_front": [hypervolume_2d(fronts[s], refs[s]) for s in per_seed],
       "per_rule": {}
   }
   for name in config.adaptive:
     rows = []
     for i, s in enumerate(per_seed):
-      front = fronts[s]
-      point = _xy(per_seed[s][name]["test"])
+      front, ref = fronts[s], refs[s]
+      point = _xy(per_seed[s][name]["test"], metrics)
       with_point = hypervolume_2d(front + [point], ref)
       rows.append({
           "seed": int(s),
@@ -241,7 +298,7 @@ def summarize(config: ml_collections.ConfigDict,
         "extends_front": sum(r["gain"] > 0 for r in rows),
     }
   hv["fixed_front_stats"] = workdir_lib.seed_stats(hv["fixed_front"])
-  return {"stats": stats, "hypervolume": hv}
+  return hv
 
 
 def format_table(config: ml_collections.ConfigDict,
@@ -251,19 +308,32 @@ def format_table(config: ml_collections.ConfigDict,
   rows = [("SFT", stats["sft"])]
   rows += [(n, stats[n]) for n, _ in variants(config)]
   table = workdir_lib.seed_table(rows, TABLE_METRICS)
-  hv = summary["hypervolume"]
+  parts = [table, _hv_table(summary["hypervolume"], "the training rewards")]
+  if "hypervolume_judges" in summary:
+    parts.append(
+        _hv_table(summary["hypervolume_judges"], "the held-out judges"))
+  return "\n".join(parts)
+
+
+def _hv_table(hv: dict[str, Any], what: str) -> str:
+  """Markdown of one `front_analysis`."""
   ref = hv["reference"]
+  where = (f"the reference point ({ref[0]:.3f}, {ref[1]:.3f})"
+           if ref is not None else
+           "each seed's SFT model's valid point (" + ", ".join(
+               f"seed {s}: ({r[0]:.3f}, {r[1]:.3f})"
+               for s, r in hv["references"].items()) + ")")
   fs = hv["fixed_front_stats"]
   n = len(hv["fixed_front"])
+  x, y = hv["metrics"]
   milli = lambda st: f"{1e3 * st['mean']:.3f} ± {1e3 * st['std']:.3f}"
   lines = [
-      "", f"Hypervolume (x 1e-3) of test (semantic@1, preference@1) against "
-      f"the reference point ({ref[0]:.3f}, {ref[1]:.3f}), mean ± std over "
-      f"{n} seeds; the fixed-weight front alone: {milli(fs)}.", "",
+      "", f"Hypervolume (x 1e-3) of {what}, test ({x}, {y}), against "
+      f"{where}, mean ± std over {n} seeds; the fixed-weight front alone: "
+      f"{milli(fs)}.", "",
       "| rule | its point alone | gain when added to the fixed front | "
-      "seeds on or beyond the front | seeds extending it | preference "
-      "above the front at its semantic reward (x 1e-3) |",
-      "| --- | --- | --- | --- | --- | --- |"
+      "seeds on or beyond the front | seeds extending it | y above the "
+      "front at its x (x 1e-3) |", "| --- | --- | --- | --- | --- | --- |"
   ]
   for name, r in hv["per_rule"].items():
     gap = r["above_front"]
@@ -272,7 +342,7 @@ def format_table(config: ml_collections.ConfigDict,
     lines.append(f"| {name} | {milli(r['alone'])} | {milli(r['gain'])} | "
                  f"{r['on_or_beyond_front']}/{n} | {r['extends_front']}/{n} | "
                  f"{gap} |")
-  return table + "\n" + "\n".join(lines)
+  return "\n".join(lines)
 
 
 def plot_front(config: ml_collections.ConfigDict, per_seed: dict[int, dict],

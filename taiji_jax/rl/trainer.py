@@ -196,6 +196,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   }
   if sasrec_params is not None:
     tables["sasrec_params"] = sasrec_params
+  judge_names = tuple(config.judges.names)
+  tables.update(
+      rl_data.judge_tables(config, dataset, data.split,
+                           sft.sids_dir(sft_config, src), workdir))
 
   # The SFT run's mesh and sharding rules (its config.json).
   decoder, setup = sft.load_decoder(src, data)
@@ -268,8 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       donate_argnums=(0,))
   copy_params = train_state.params_copier(state_shardings)
   put = setup.put_batch
-  eval_step = jax.jit(rl_data.make_eval_step(sft_config, graphdef, data,
-                                     sasrec_graphdef))
+  eval_step = jax.jit(
+      rl_data.make_eval_step(sft_config, graphdef, data, sasrec_graphdef,
+                             judge_names))
   parts = rl_data.eval_parts(sft_config, data, pref_len)
   put_eval = sft.eval_putter(setup, vocab.pad_id)
 

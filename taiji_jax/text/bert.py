@@ -377,7 +377,7 @@ def check_tensors(source: os.PathLike | str,
     return originals.get(name, name)
 
   problems = []
-  missing = sorted(set(layout) - set(shapes))
+  missing = sorted(shown(k) for k in set(layout) - set(shapes))
   if missing:
     problems.append(f"missing tensors {missing}")
   unexpected = sorted(

