@@ -10,7 +10,7 @@ WORKDIR ?= runs/ml100k
 CONFIG ?= configs/ml100k.py
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench cot-ablation rl-table pareto format clean
+.PHONY: install run test test-fast bench cot-ablation rl-table pareto pareto-tune format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ rl-table: $(STAMP)
 # front"); needs the sasrec and sids stages of `make run`.
 pareto: $(STAMP)
 	$(PY) experiments/pareto.py --config=configs/ml100k_pareto.py --workdir=runs/ml100k_pareto
+
+# POPO's mu and min_weight on the valid split of a tuning seed (not reported).
+pareto-tune: $(STAMP)
+	$(PY) experiments/pareto.py --config=configs/ml100k_pareto.py:tune --workdir=runs/ml100k_pareto_tune
 
 format: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"

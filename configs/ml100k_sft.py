@@ -39,6 +39,10 @@ _HERE = pathlib.Path(__file__).parent
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, seed=0)
   c = ml_collections.ConfigDict()
+  # An upstream run that changed since this one was made from it:
+  # "rerun" sets this run aside (<workdir>/stale/) and makes it again,
+  # "error" refuses (taiji_jax.train.workdir.check_inputs).
+  c.on_stale_inputs = "rerun"
   c.seed = arg.seed
   c.progress_bar = True
   # Same data as the SASRec stage (one source of truth for the dataset).

@@ -19,6 +19,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from taiji_jax import config_checks as checks
 from taiji_jax.evaluate import baselines
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.rl import trainer as rl_trainer
@@ -51,30 +52,61 @@ def run_popularity(config: ml_collections.ConfigDict,
   return results
 
 
-# Stage name -> (function(config, workdir), config section it reads).
-STAGES: dict[str, tuple[Callable, str]] = {
-    "popularity": (run_popularity, "sasrec"),
-    "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec"),
-    "sids": (build_sids.run, "sids"),
-    "sft": (sft.train_and_evaluate, "sft"),
-    "rl": (rl_trainer.train_and_evaluate, "rl"),
+# Stage name -> (function(config, workdir), config section it reads, the
+# section's settings check).
+STAGES: dict[str, tuple[Callable, str, Callable]] = {
+    "popularity": (run_popularity, "sasrec", sasrec_trainer.check_settings),
+    "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec",
+               sasrec_trainer.check_settings),
+    "sids": (build_sids.run, "sids", build_sids.check_settings),
+    "sft": (sft.train_and_evaluate, "sft", sft.check_settings),
+    "rl": (rl_trainer.train_and_evaluate, "rl", rl_trainer.check_settings),
 }
 
 
+def check_settings(config: ml_collections.ConfigDict) -> None:
+  """Every stage's settings, before the first stage runs or anything is
+  written (a typo in the last stage costs nothing).
+
+  Raises:
+    ValueError: an unknown stage, or a stage's check (`config_checks`),
+      naming `<section>.<key>`, the value and what is allowed.
+  """
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise checks.ConfigError(f"stages: unknown {unknown}; known: "
+                             f"{sorted(STAGES)}.")
+  for stage in config.stages:
+    _, section, check = STAGES[stage]
+    check(config[section], prefix=section)
+
+
+def reruns(stage_dir: pathlib.Path, since: float) -> list[str]:
+  """Why a stage was set aside and made again during this run (its
+  `stale/<time>/why.txt` files newer than `since`)."""
+  out = []
+  for why in sorted(stage_dir.glob("stale/*/why.txt")):
+    if why.stat().st_mtime >= since:
+      out += why.read_text().splitlines()
+  return out
+
+
+@workdir_lib.one_run_at_a_time(check=check_settings)
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Runs `config.stages` and returns {stage: results}."""
   workdir = pathlib.Path(workdir)
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"unknown stages {unknown}; known: {sorted(STAGES)}.")
   summary = {}
   for stage in config.stages:
-    fn, section = STAGES[stage]
-    start = time.perf_counter()
+    fn, section, _ = STAGES[stage]
+    start, wall = time.perf_counter(), time.time()
     logging.info("pipeline: stage %s -> %s", stage, workdir / stage)
     results = fn(config[section], workdir / stage)
     seconds = round(time.perf_counter() - start, 1)
+    why = reruns(workdir / stage, wall)
+    if why:
+      logging.warning("pipeline: stage %s was made again, its inputs "
+                      "changed: %s", stage, "; ".join(why))
     if "test" in results:  # a recommender with ranking metrics
       summary[stage] = {
           "test": results["test"],
@@ -86,6 +118,8 @@ def run(config: ml_collections.ConfigDict,
           "results": str(workdir / stage / "results.json"),
           "seconds": seconds
       }
+    if why:
+      summary[stage]["rerun_because"] = why
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(workdir / "results.json", summary)
   print(format_table(summary, config.report_ks))

@@ -73,7 +73,7 @@ def test_stage_refuses_a_changed_config_and_missing_sasrec(
       }), workdir)
   with pytest.raises(ValueError, match="differs in.*collisions.method"):
     build_sids.run(_smoke(**only_kmeans), workdir)
-  with pytest.raises(FileNotFoundError, match="run the sasrec stage first"):
+  with pytest.raises(FileNotFoundError, match="First run the sasrec stage"):
     build_sids.run(_smoke(**only_kmeans), tmp_path / "sids")
-  with pytest.raises(ValueError, match="include sids.default 'rq_vae'"):
+  with pytest.raises(ValueError, match="include sids.default='rq_vae'"):
     build_sids.run(_smoke(quantizers=("rq_kmeans",)), tmp_path / "other")

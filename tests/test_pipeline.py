@@ -2,13 +2,17 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from taiji_jax import config_checks as checks
 from taiji_jax import config_lib
 from taiji_jax import pipeline
 from taiji_jax.evaluate import baselines
+from taiji_jax.testing import runs
 from taiji_jax.train import sasrec_trainer
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml100k.py"
@@ -44,8 +48,41 @@ def test_unknown_stage_is_an_error(tmp_path):
   config = config_lib.load_config_file(CONFIG, "smoke")
   config.unlock()
   config.stages = ("popularity", "tiger")
-  with pytest.raises(ValueError, match=r"unknown stages \['tiger'\].*sasrec"):
+  with pytest.raises(ValueError, match=r"unknown \['tiger'\].*sasrec"):
     pipeline.run(config, tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"rl.objective": "grpoo"}, "rl.objective='grpoo': must be one of"),
+    ({"rl.eval.early_stop_metric": "ndcg@11"},
+     "rl.eval.early_stop_metric='ndcg@11': not a metric"),
+    ({"sasrec.train.batch_size": 0}, "sasrec.train.batch_size=0: must be"),
+    ({"sft.train.lr": -1e-3}, "sft.train.lr=-0.001: must be a number > 0"),
+    ({"rl.weighting": "popoo"}, "rl: unknown reward weighting .popoo."),
+])
+def test_a_bad_setting_in_any_stage_fails_before_anything_runs(
+    tmp_path, override, message):
+  config = config_lib.with_overrides(
+      config_lib.load_config_file(CONFIG, "smoke"), **override)
+  with pytest.raises(checks.ConfigError, match=message):
+    pipeline.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_entry_point_prints_a_user_error_as_one_line(tmp_path):
+  cmd = [
+      sys.executable,
+      str(CONFIG.parents[1] / "experiments" / "pipeline.py"),
+      f"--config={CONFIG}:smoke", f"--workdir={tmp_path / 'run'}",
+      "--config.rl.objective=grpoo"
+  ]
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env=runs.subprocess_env())
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1].startswith(
+      "error: rl.objective='grpoo'")
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_format_table_lists_each_stage():

@@ -105,3 +105,60 @@ def test_summary_counts_rules_on_and_beyond_the_front():
   assert "| popo | " in table and "2/2 | 2/2 |" in table
   # mgda: (0.5, 0.5) is left of the front (no gap), (1, 2) 1 below it.
   assert mgda["above_front"]["values"] == [-1.0]
+
+
+def test_judges_front_and_the_valid_split_of_the_tuning_run():
+  config = config_lib.load_config_file(CONFIG)
+  config.unlock()
+  config.fixed_semantic_weights = (0.0, 1.0)
+  config.adaptive = ("popo",)
+  config.reference = (0.0, 0.0)
+  js, jp = pareto.FRONTS["judges"]
+
+  def point(x, y, jx, jy, valid_shift=0.0):
+    m = {pareto.X_METRIC: x, pareto.Y_METRIC: y, js: jx, jp: jy}
+    return {"test": m, "valid": {k: v + valid_shift for k, v in m.items()}}
+
+  per_seed = {
+      0: {"sft": point(1, 1, 0.1, 0.5), "fixed_0.00": point(1, 3, 0.2, 0.7),
+          "fixed_1.00": point(3, 1, 0.3, 0.6), "popo": point(2, 2, 0.4, 0.8)},
+  }
+  s = pareto.summarize(config, per_seed)
+  judged = s["hypervolume_judges"]
+  # Against the SFT model's valid judge point (0.1, 0.5).
+  assert judged["references"] == {0: [0.1, 0.5]}
+  # popo's (0.4, 0.8) dominates the whole fixed judge front.
+  assert judged["per_rule"]["popo"]["seeds"][0]["dominated_by"] == []
+  assert judged["per_rule"]["popo"]["alone"]["mean"] == pytest.approx(
+      0.3 * 0.3)
+  table = pareto.format_table(config, s)
+  assert "of the held-out judges, test" in table
+  assert "seed 0: (0.100, 0.500)" in table
+  # The tuning run reads valid: shifted points, same structure.
+  config.split = "valid"
+  for runs in per_seed.values():
+    for name in runs:
+      runs[name]["valid"] = {
+          k: v + 1.0 for k, v in runs[name]["test"].items()
+      }
+  v = pareto.summarize(config, per_seed)
+  assert v["stats"]["popo"][pareto.X_METRIC]["mean"] == 3.0
+  assert v["hypervolume"]["split"] == "valid"
+  # Without judge metrics there is no judge analysis.
+  for runs in per_seed.values():
+    for name in runs:
+      runs[name]["valid"].pop(js)
+  assert "hypervolume_judges" not in pareto.summarize(config, per_seed)
+
+
+def test_the_tuning_config_uses_an_unreported_seed_and_valid():
+  tune = config_lib.load_config_file(CONFIG, "tune")
+  main = config_lib.load_config_file(CONFIG)
+  assert not set(tune.seeds) & set(main.seeds)
+  assert tune.split == "valid" and main.split == "test"
+  overrides = dict(pareto.variants(tune))
+  popo = [n for n in overrides if n.startswith("popo_")]
+  assert len(popo) == 6
+  for name in popo:
+    assert overrides[name]["weighting"] == "popo"
+    config_lib.with_overrides(tune.rl, **overrides[name])

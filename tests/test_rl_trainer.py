@@ -7,6 +7,7 @@ lays them out; the RL runs start from that SFT run.
 
 import json
 import pathlib
+import shutil
 import sys
 
 from flax import nnx
@@ -22,6 +23,7 @@ from taiji_jax.testing import runs
 from taiji_jax.train import build_sids
 from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import sft
+from taiji_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -156,10 +158,11 @@ def test_nan_rewards_are_masked_or_stop_the_run_by_name(
 
 
 def test_bad_settings_are_named(stages, tmp_path):
-  with pytest.raises(ValueError, match="unknown objective 'ppo'"):
+  with pytest.raises(ValueError, match="objective='ppo': must be one of"):
     trainer.train_and_evaluate(
         _config("ml100k_rl.py", objective="ppo",
                 sft_workdir=str(stages / "sft")), tmp_path / "a")
+  assert not (tmp_path / "a").exists()  # refused before anything is written
   with pytest.raises(ValueError, match="weights for \\['ctr'\\]"):
     trainer.train_and_evaluate(
         _config(
@@ -313,3 +316,36 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   assert as_json(pareto.run(config, tmp_path)) == as_json(summary)
   assert list(pareto.finished_seeds(tmp_path)) == [0]
   assert log.read_text() == before
+
+
+@pytest.mark.slow
+def test_rl_made_from_a_retrained_sft_is_made_again(stages, tmp_path):
+  """The issue's case: SFT re-trained in place, then RL re-run. RL sets its
+  old run aside and trains from the new SFT model; results.json never
+  mixes the two."""
+  sft_dir, rl_dir = tmp_path / "sft", tmp_path / "rl"
+  shutil.copytree(stages / "sft", sft_dir)
+  (tmp_path / "sids").symlink_to(stages / "sids")
+  rl_config = _config("ml100k_rl.py", sft_workdir=str(sft_dir),
+                      sasrec_workdir=str(stages / "sasrec"),
+                      **{"train.num_steps": 2, "eval.every_steps": 0})
+  first = trainer.train_and_evaluate(rl_config, rl_dir)
+  assert trainer.train_and_evaluate(rl_config, rl_dir)["sft"] == first["sft"]
+  assert not (rl_dir / "stale").exists()  # unchanged input: reused
+  shutil.rmtree(sft_dir)
+  new_sft = sft.train_and_evaluate(
+      _config("ml100k_sft.py", **{"train.num_epochs": 1, "seed": 7}), sft_dir)
+  again = trainer.train_and_evaluate(rl_config, rl_dir)
+  for key in ("recall@10", "ndcg@10", "label_acc@1"):
+    assert again["sft"]["test"][key] == pytest.approx(new_sft["test"][key])
+  assert again["sft"]["test"] != first["sft"]["test"]
+  (aside,) = (rl_dir / "stale").iterdir()
+  assert "sft: " in (aside / "why.txt").read_text()
+  assert json.loads((aside / "results.json").read_text())["sft"] == first["sft"]
+  with pytest.raises(workdir_lib.StaleInputs, match="sft: "):
+    shutil.rmtree(sft_dir)
+    sft.train_and_evaluate(
+        _config("ml100k_sft.py", **{"train.num_epochs": 1, "seed": 8}),
+        sft_dir)
+    trainer.train_and_evaluate(
+        config_lib.with_overrides(rl_config, on_stale_inputs="error"), rl_dir)

@@ -418,6 +418,7 @@ def format_table(summary: dict[str, Any]) -> str:
        for variant, entry in summary.items()], TABLE_METRICS)
 
 
+@workdir_lib.one_run_at_a_time
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Every seed, then results.json and table.md (module docstring)."""

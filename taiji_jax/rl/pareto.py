@@ -14,14 +14,18 @@
 and the seed's results in `seed_results.json` (a finished seed is read from
 there); then, in `<workdir>/`:
 
-  results.json  per seed and variant the test metrics of the final
-                parameters and the weight trajectory; per variant their
+  results.json  per seed and variant the test and valid metrics of the
+                final parameters and the weight trajectory; per variant their
                 seed mean and sample std; the hypervolumes;
   table.md      the table (mean ± std over seeds);
   front.png     test (semantic reward@1, preference reward@1) of every
                 variant, seed means with std bars and the seeds' points,
                 the fixed-weight front drawn through the fixed points;
   weights.png   the semantic weight per RL step of the adaptive rules.
+
+The table, the front and the hypervolumes are of `config.split`: "test"
+for the reported experiment, "valid" for the tuning run that picks the
+rules' settings (`configs/ml100k_pareto.py:tune`, a seed not reported).
 
 Hypervolume (maximising both rewards) is measured against the stated
 reference point `config.reference` (semantic, preference): per seed, of the
@@ -229,9 +233,10 @@ def summarize(config: ml_collections.ConfigDict,
   judges against `judge_references` ("hypervolume_judges", when there are
   judges)."""
   names = ["sft"] + [n for n, _ in variants(config)]
+  split = config.split
   stats = {}
   for name in names:
-    tests = [per_seed[s][name]["test"] for s in per_seed]
+    tests = [per_seed[s][name][split] for s in per_seed]
     keys = sorted(set.intersection(*(set(t) for t in tests)))
     stats[name] = {
         k: workdir_lib.seed_stats(t[k] for t in tests) for k in keys
@@ -246,29 +251,38 @@ def summarize(config: ml_collections.ConfigDict,
   }
   judge_refs = judge_references(per_seed)
   have_judges = all(
-      m in per_seed[s][n]["test"] for s in per_seed for n in names[1:]
+      m in per_seed[s][n][split] for s in per_seed for n in names[1:]
       for m in FRONTS["judges"])
   if judge_refs is not None and have_judges:
-    out["hypervolume_judges"] = front_analysis(config, per_seed,
-                                               FRONTS["judges"], judge_refs)
+    out["hypervolume_judges"] = front_analysis(
+        config, per_seed, FRONTS["judges"], judge_refs,
+        shared_reference=False)
   return out
 
 
 def front_analysis(config: ml_collections.ConfigDict,
-                   per_seed: dict[int, dict], metrics: tuple[str, str],
-                   refs: dict[int, tuple]) -> dict[str, Any]:
-  """Hypervolumes of the test points on `metrics` against `refs[seed]`: of
-  the fixed-weight front, and per adaptive rule of its point alone and
-  added to the front (module docstring)."""
+                   per_seed: dict[int, dict],
+                   metrics: tuple[str, str],
+                   refs: dict[int, tuple],
+                   shared_reference: bool = True) -> dict[str, Any]:
+  """Hypervolumes of the `config.split` points on `metrics` against
+  `refs[seed]`: of the fixed-weight front, and per adaptive rule of its
+  point alone and added to the front (module docstring).
+  `shared_reference`: one stated point for every seed ("reference"), else
+  a point per seed ("references" only)."""
   fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  split = config.split
   fronts = {
-      s: [_xy(per_seed[s][n]["test"], metrics) for n in fixed]
+      s: [_xy(per_seed[s][n][split], metrics) for n in fixed]
       for s in per_seed
   }
   distinct = sorted(set(refs.values()))
+  if shared_reference and len(distinct) != 1:
+    raise ValueError(f"one reference point expected, got {distinct}.")
   hv: dict[str, Any] = {
       "metrics": list(metrics),
-      "reference": distinct[0] if len(distinct) == 1 else None,
+      "split": split,
+      "reference": distinct[0] if shared_reference else None,
       "references": {int(s): list(r) for s, r in refs.items()},
       "fixed_front": [hypervolume_2d(fronts[s], refs[s]) for s in per_seed],
       "per_rule": {}
@@ -277,7 +291,7 @@ def front_analysis(config: ml_collections.ConfigDict,
     rows = []
     for i, s in enumerate(per_seed):
       front, ref = fronts[s], refs[s]
-      point = _xy(per_seed[s][name]["test"], metrics)
+      point = _xy(per_seed[s][name][split], metrics)
       with_point = hypervolume_2d(front + [point], ref)
       rows.append({
           "seed": int(s),
@@ -328,7 +342,7 @@ def _hv_table(hv: dict[str, Any], what: str) -> str:
   x, y = hv["metrics"]
   milli = lambda st: f"{1e3 * st['mean']:.3f} ± {1e3 * st['std']:.3f}"
   lines = [
-      "", f"Hypervolume (x 1e-3) of {what}, test ({x}, {y}), against "
+      "", f"Hypervolume (x 1e-3) of {what}, {hv['split']} ({x}, {y}), against "
       f"{where}, mean ± std over {n} seeds; the fixed-weight front alone: "
       f"{milli(fs)}.", "",
       "| rule | its point alone | gain when added to the fixed front | "
@@ -363,15 +377,18 @@ def plot_front(config: ml_collections.ConfigDict, per_seed: dict[int, dict],
                 color="tab:gray" if is_fixed else None, markersize=9,
                 capsize=3, zorder=3,
                 label=None if is_fixed else name)
-    pts = np.asarray([_xy(per_seed[s][name]["test"]) for s in per_seed])
+    pts = np.asarray(
+        [_xy(per_seed[s][name][config.split]) for s in per_seed])
     ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.4, zorder=2,
                color="tab:gray" if is_fixed else ax.lines[-1].get_color())
     if is_fixed:
       ax.annotate(name.replace("fixed_", "w_sem="), (x, y),
                   textcoords="offset points", xytext=(5, 5), fontsize=8)
   ref = summary["hypervolume"]["reference"]
-  ax.set_xlabel(f"test semantic reward of the top-1 item ({X_METRIC})")
-  ax.set_ylabel(f"test preference reward of the top-1 item ({Y_METRIC})")
+  ax.set_xlabel(f"{config.split} semantic reward of the top-1 item "
+                f"({X_METRIC})")
+  ax.set_ylabel(f"{config.split} preference reward of the top-1 item "
+                f"({Y_METRIC})")
   ax.set_title(f"{len(per_seed)} seeds (mean ± std, small dots: seeds); "
                f"HV reference ({ref[0]:.2f}, {ref[1]:.2f})", fontsize=9)
   ax.legend(fontsize=8)
@@ -425,6 +442,7 @@ def finished_seeds(workdir: os.PathLike | str) -> dict[int, dict]:
   return dict(sorted(out.items()))
 
 
+@workdir_lib.one_run_at_a_time
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Every seed and variant, then the reports (module docstring)."""

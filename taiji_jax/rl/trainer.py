@@ -64,10 +64,12 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from taiji_jax import config_checks as checks
 from taiji_jax import sharding
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.generate import think as think_lib
 from taiji_jax.rl import data as rl_data
+from taiji_jax.rl import judges as judges_lib
 from taiji_jax.rl import objectives as obj_lib
 from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import rollout as rollout_lib
@@ -168,23 +170,68 @@ def check_step(config, step: int, m: dict[str, float], names, meta) -> None:
     meta["skipped_in_a_row"] = 0
 
 
+ADVANTAGES = ("auto", "std", "center", "none", "gdpo")
+
+
+def check_settings(config: ml_collections.ConfigDict, prefix: str = ""):
+  """Every setting, before any work: (reward names, weight rule, rollout
+  config, objective config, initial weights).
+
+  Raises:
+    ValueError (`config_checks.ConfigError` for the plain ones): naming
+      the key, its value and what is allowed.
+  """
+  checks.one_of(config, "objective", sorted(obj_lib.OBJECTIVES), prefix)
+  checks.one_of(config, "advantage", ADVANTAGES, prefix)
+  checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
+  checks.training(config, prefix)
+  checks.positive(config, ("train.num_steps", "train.epochs",
+                           "train.num_minibatches", "rollout.temperature",
+                           "prompts_per_user"), prefix)
+  checks.positive(config, ("train.keep_groups", "eval.every_steps",
+                           "checkpoint_every_steps"), prefix,
+                  allow_zero=("train.keep_groups", "eval.every_steps",
+                              "checkpoint_every_steps"))
+  if config.rollout.group_size < 2:
+    raise checks.ConfigError(
+        f"{prefix + '.' if prefix else ''}rollout.group_size="
+        f"{config.rollout.group_size!r}: group-relative advantages need at "
+        "least 2 rollouts per prompt.")
+  checks.in_range(config, "max_nonfinite_frac", 0.0, 1.0, prefix)
+  judge_metrics = [f"judge/{n}@{k}" for n in judges_lib.JUDGES for k in (1, 10)]
+  reward_metrics = [
+      f"reward/{n}@{k}" for n in rl_data.EVAL_REWARDS for k in (1, 10)
+  ]
+  checks.ranking_metric(config, "eval.early_stop_metric", (1, 5, 10, 20),
+                        prefix, extra=reward_metrics + judge_metrics)
+  try:
+    names = rewards_lib.check_names(config.rewards)
+    rule = weight_rule(config)
+    rcfg = rollout_config(config, keep_hidden=rule.gradients == "hidden")
+    ocfg = objective_config(config)
+    w0 = weighting.initial_weights(names, dict(config.weights))
+  except (ValueError, TypeError) as e:
+    raise checks.ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from e
+  return names, rule, rcfg, ocfg, w0
+
+
+@workdir_lib.one_run_at_a_time(check=check_settings)
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: os.PathLike | str) -> dict[str, Any]:
   """Runs (or resumes) the RL stage; returns what results.json holds."""
   start = time.perf_counter()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  names, rule, rcfg, ocfg, w0 = check_settings(config)
   workdir_lib.write_or_check_config(workdir, config)
-  # The settings first, so a bad one fails before any loading.
-  names = rewards_lib.check_names(config.rewards)
-  rule = weight_rule(config)
-  rcfg = rollout_config(config, keep_hidden=rule.gradients == "hidden")
-  ocfg = objective_config(config)
-  w0 = weighting.initial_weights(names, dict(config.weights))
   src = sft_dir(config, workdir)
+  needs_sasrec = "preference" in names or config.eval_preference
+  inputs = {"sft": src}
+  if needs_sasrec:
+    inputs["sasrec"] = sasrec_dir(config, src)
+  workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)
   sft_config, data = sft.load_data(src)
   vocab, sids, dataset = data.vocab, data.sids, data.dataset
-  needs_sasrec = "preference" in names or config.eval_preference
   sasrec_graphdef, sasrec_params, pref_len = None, None, sft_config.max_items
   if needs_sasrec:
     sasrec_graphdef, sasrec_params, pref_len = rl_data.load_sasrec(

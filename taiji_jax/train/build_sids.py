@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from taiji_jax import config_checks as checks
 from taiji_jax import data as data_lib
 from taiji_jax.quantize import collisions
 from taiji_jax.quantize import fusion
@@ -62,14 +63,28 @@ def content_embeddings(config: ml_collections.ConfigDict,
       workdir / "embeddings" / "content.npz", progress=config.progress_bar)
 
 
+def sasrec_dir(config: ml_collections.ConfigDict,
+               workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(config.representation.sasrec_workdir or
+                      pathlib.Path(workdir).absolute().parent / "sasrec")
+
+
+def upstream(config: ml_collections.ConfigDict,
+             workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """The runs the SIDs are made from: SASRec when its item table is fused."""
+  weights = dict(config.representation.weights)
+  if weights.get("collaborative", 0) > 0:
+    return {"sasrec": sasrec_dir(config, workdir)}
+  return {}
+
+
 def collaborative_embeddings(config: ml_collections.ConfigDict,
                              dataset: data_lib.Dataset,
                              workdir: pathlib.Path) -> np.ndarray:
   """(num_items, D) item table of the SASRec model trained on this data."""
   from taiji_jax.train import \
       sasrec_trainer  # pylint: disable=g-import-not-at-top
-  src = pathlib.Path(config.representation.sasrec_workdir or
-                     workdir.parent / "sasrec")
+  src = sasrec_dir(config, workdir)
   if not (src / "config.json").is_file():
     raise FileNotFoundError(
         f"collaborative embeddings need a trained SASRec in {src} (no "
@@ -210,17 +225,33 @@ def build_one(name: str, x: np.ndarray, config: ml_collections.ConfigDict,
   return rep
 
 
+def check_settings(config: ml_collections.ConfigDict,
+                   prefix: str = "sids") -> None:
+  """The settings, before any work (`taiji_jax.config_checks`)."""
+  unknown = [q for q in config.quantizers if q not in QUANTIZERS]
+  if unknown or config.default not in config.quantizers:
+    raise checks.ConfigError(
+        f"{prefix}.quantizers={tuple(config.quantizers)} must be from "
+        f"{QUANTIZERS} and include {prefix}.default={config.default!r}.")
+  parts = set(dict(config.representation.weights)) - {
+      "content", "collaborative"
+  }
+  if parts:
+    raise checks.ConfigError(
+        f"{prefix}.representation.weights: unknown parts {sorted(parts)}; "
+        "known ['collaborative', 'content'].")
+  checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
+
+
+@workdir_lib.one_run_at_a_time(check=check_settings)
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Builds the configured tokenizers; returns {"default", "reports"}."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.write_or_check_config(workdir, config)
-  unknown = [q for q in config.quantizers if q not in QUANTIZERS]
-  if unknown or config.default not in config.quantizers:
-    raise ValueError(
-        f"sids.quantizers {tuple(config.quantizers)} must be from "
-        f"{QUANTIZERS} and include sids.default {config.default!r}")
+  workdir_lib.check_inputs(workdir, upstream(config, workdir),
+                           config.on_stale_inputs)
   dataset = load_dataset(config)
   x = item_representations(config, dataset, workdir)
   reports = {

@@ -34,6 +34,7 @@ import ml_collections
 import optax
 import tqdm
 
+from taiji_jax import config_checks as checks
 from taiji_jax import data as data_lib
 from taiji_jax import sharding
 from taiji_jax.data import pipeline
@@ -151,6 +152,13 @@ def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
                train_state.batch_putter(mesh, rules), mesh)
 
 
+def check_settings(config: ml_collections.ConfigDict,
+                   prefix: str = "") -> None:
+  """The settings, before any work (`taiji_jax.config_checks`)."""
+  checks.epoch_trainer(config, prefix, sizes=("max_len", "window_stride"))
+
+
+@workdir_lib.one_run_at_a_time(check=check_settings)
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: os.PathLike | str) -> dict[str, Any]:
   """Trains SASRec with early stopping on valid; returns results.json."""

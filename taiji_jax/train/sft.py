@@ -47,6 +47,7 @@ import numpy as np
 import optax
 import tqdm
 
+from taiji_jax import config_checks as checks
 from taiji_jax import sharding
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import decoder as decoder_lib
@@ -530,6 +531,14 @@ def load_decoder(workdir: os.PathLike | str, data: Data):
   return nnx.merge(setup.graphdef, params), setup
 
 
+def check_settings(config: ml_collections.ConfigDict,
+                   prefix: str = "") -> None:
+  """The settings, before any work (`taiji_jax.config_checks`)."""
+  checks.epoch_trainer(config, prefix, sizes=("max_items", "max_prefix"))
+  checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
+
+
+@workdir_lib.one_run_at_a_time(check=check_settings)
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: os.PathLike | str,
                        *,
@@ -553,6 +562,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.write_or_check_config(workdir, config)
+  inputs = {"sids": sids_dir(config, workdir)}
+  if config.init_from:
+    inputs["init_from"] = pathlib.Path(config.init_from)
+  workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)
   if data is None:
     data = prepare(config, workdir)
   dataset, split, sids, vocab = data.dataset, data.split, data.sids, data.vocab
