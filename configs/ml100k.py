@@ -19,7 +19,8 @@ The table printed at the end has SASRec and the SID-LLM side by side on the
 same test split and metrics. Measured times are in the README. `:smoke`
 runs every stage on the synthetic dataset in about a minute. Override any
 stage field, e.g. `--config.sasrec.train.lr=3e-4` or
-`--config.sft.train.num_epochs=8`.
+`--config.sft.train.num_epochs=8`; `--config.dataset.name=ml-1m` changes
+the dataset of every stage.
 """
 
 import pathlib
@@ -44,4 +45,10 @@ def get_config(arg=None):
                                       "smoke" if arg.smoke else None)
   c.rl = config_lib.load_config_file(_HERE / "ml100k_rl.py",
                                      "smoke" if arg.smoke else None)
+  # One dataset setting: every stage holds this same ConfigDict, so
+  # `--config.dataset.name=ml-1m` changes them all (the RL stage reads its
+  # dataset from the SFT run it starts from).
+  c.dataset = c.sasrec.dataset
+  c.sids.dataset = c.dataset
+  c.sft.dataset = c.dataset
   return c.lock()

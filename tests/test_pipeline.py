@@ -14,6 +14,7 @@ from taiji_jax import pipeline
 from taiji_jax.evaluate import baselines
 from taiji_jax.testing import runs
 from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import sft
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml100k.py"
 
@@ -129,3 +130,24 @@ def test_smoke_pipeline_runs_every_stage_and_prints_them_side_by_side(
   assert "sids: " in table
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["sft"]["test"] == summary["sft"]["test"]
+
+
+def test_one_dataset_setting_reaches_every_stage():
+  config = config_lib.load_config_file(CONFIG)
+  config = config_lib.with_overrides(config, **{"dataset.name": "ml-1m"})
+  for section in ("sasrec", "sids", "sft"):
+    assert config[section].dataset.name == "ml-1m", section
+  # The RL stage has no dataset of its own: it reads its SFT run's.
+  assert "dataset" not in config.rl
+
+
+def test_a_stage_made_from_another_dataset_is_refused(tmp_path):
+  config = config_lib.load_config_file(CONFIG, "smoke")
+  sids = tmp_path / "sids"
+  sids.mkdir()
+  theirs = config_lib.with_overrides(config.sids, **{"dataset.name": "ml-1m"})
+  (sids / "config.json").write_text(theirs.to_json_best_effort())
+  with pytest.raises(checks.ConfigError,
+                     match="dataset is .*synthetic.* but .*ml-1m.* sids run"):
+    sft.train_and_evaluate(config.sft, tmp_path / "sft")
+  assert not (tmp_path / "sft" / "config.json").exists()

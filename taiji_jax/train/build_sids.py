@@ -249,6 +249,8 @@ def run(config: ml_collections.ConfigDict,
   """Builds the configured tokenizers; returns {"default", "reports"}."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  for name, src in upstream(config, workdir).items():
+    workdir_lib.check_same_setting(config, "dataset", src, name)
   workdir_lib.write_or_check_config(workdir, config)
   workdir_lib.check_inputs(workdir, upstream(config, workdir),
                            config.on_stale_inputs)

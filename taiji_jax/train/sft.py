@@ -561,8 +561,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  workdir_lib.write_or_check_config(workdir, config)
   inputs = {"sids": sids_dir(config, workdir)}
+  workdir_lib.check_same_setting(config, "dataset", inputs["sids"], "sids")
+  workdir_lib.write_or_check_config(workdir, config)
   if config.init_from:
     inputs["init_from"] = pathlib.Path(config.init_from)
   workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)

@@ -255,6 +255,30 @@ def check_inputs(workdir: os.PathLike | str,
   return changed
 
 
+def check_same_setting(config: ml_collections.ConfigDict, key: str,
+                       upstream: os.PathLike | str, what: str) -> None:
+  """`config[key]` equals the upstream run's (its config.json), e.g. the
+  dataset of the SFT stage and of the SIDs it is made from.
+
+  Raises:
+    ValueError: naming the key and both values (`config_checks.ConfigError`).
+  """
+  path = pathlib.Path(upstream) / "config.json"
+  if not path.is_file():
+    return  # `check_inputs` names the missing run
+  theirs = json.loads(path.read_text()).get(key)
+  ours = json.loads(ml_collections.ConfigDict({
+      key: config[key]
+  }).to_json_best_effort(sort_keys=True))[key]
+  if theirs is not None and theirs != ours:
+    from taiji_jax import config_checks  # pylint: disable=g-import-not-at-top
+    raise config_checks.ConfigError(
+        f"{key} is {ours} here but {theirs} in the {what} run {upstream} "
+        f"this stage is made from; set the same {key} (the pipeline's "
+        f"`--config.{key}...` sets every stage), or point at a {what} run "
+        f"of this {key}.")
+
+
 def read_config(workdir: os.PathLike | str) -> dict[str, Any]:
   """The config a run saved in `<workdir>/config.json`, as a dict.
 
