@@ -40,11 +40,11 @@ import numpy as np
 
 from taiji_jax import sharding
 from taiji_jax.data import fetch
+from taiji_jax.models import checkpoint_io
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.models import hf_import
-from taiji_jax.text import bert
 
-CheckpointError = bert.CheckpointError
+CheckpointError = checkpoint_io.CheckpointError
 ARCHITECTURES = ("llama", "qwen2")
 _MODEL_NAME = "GGUF Llama/Qwen2 decoder"
 
@@ -332,7 +332,7 @@ def load_gguf(
   cfg = config_from_metadata(f.metadata, f.path, rows, **overrides)
   view = _HFView(f, cfg)
   layout = hf_import.hf_layout(cfg)
-  bert.check_tensors(
+  checkpoint_io.check_tensors(
       f.path, view.shapes, layout, model_name=_MODEL_NAME,
       originals=view.shown)
   model = hf_import.fill_decoder(cfg, layout, {k: view for k in layout}, mesh,

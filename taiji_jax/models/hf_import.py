@@ -37,17 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from taiji_jax import sharding
+from taiji_jax.models import checkpoint_io
 from taiji_jax.models import decoder as decoder_lib
-from taiji_jax.text import bert
 
-CheckpointError = bert.CheckpointError
+CheckpointError = checkpoint_io.CheckpointError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MODEL_NAME = "Llama/Qwen2 decoder"
 
 
-def hf_layout(cfg: decoder_lib.DecoderConfig) -> dict[str, bert.TensorSpec]:
+def hf_layout(cfg: decoder_lib.DecoderConfig) -> dict[str, checkpoint_io.TensorSpec]:
   """HF tensor name -> where (and in which layout) the decoder holds it.
 
   `lm_head.weight` is only listed for untied models; tied checkpoints
@@ -55,7 +55,7 @@ def hf_layout(cfg: decoder_lib.DecoderConfig) -> dict[str, bert.TensorSpec]:
   """
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   f, v = cfg.intermediate_size, cfg.vocab_size
-  spec = bert.TensorSpec
+  spec = checkpoint_io.TensorSpec
   same = lambda x: x
   transpose = lambda w: w.T
 
@@ -220,7 +220,7 @@ def load_hf_checkpoint(
   source, paths, weight_map = _weight_files(directory)
   layout = hf_layout(cfg)
   with contextlib.ExitStack() as stack:
-    opened = [stack.enter_context(bert.SafetensorsFile(p)) for p in paths]
+    opened = [stack.enter_context(checkpoint_io.SafetensorsFile(p)) for p in paths]
     shapes, file_of = {}, {}
     for f in opened:
       for key, shape in f.shapes.items():
@@ -236,7 +236,7 @@ def load_hf_checkpoint(
         raise CheckpointError(f"{source} lists tensors that are not in the "
                               f"files it names: {misplaced}")
     paths_of = {k: f.path for k, f in file_of.items()}
-    bert.check_tensors(
+    checkpoint_io.check_tensors(
         source,
         shapes,
         layout,
@@ -251,8 +251,8 @@ def load_hf_checkpoint(
 
 def fill_decoder(
     cfg: decoder_lib.DecoderConfig,
-    layout: dict[str, bert.TensorSpec],
-    file_of: dict[str, bert.SafetensorsFile],
+    layout: dict[str, checkpoint_io.TensorSpec],
+    file_of: dict[str, checkpoint_io.SafetensorsFile],
     mesh: jax.sharding.Mesh | None,
     rules: sharding.Rules | None,
 ) -> decoder_lib.Decoder:
@@ -271,7 +271,7 @@ def fill_decoder(
     shardings = dict(
         nnx.to_flat_state(sharding.tree_shardings(params, mesh, rules)))
   for key, spec in layout.items():
-    param = bert.param_at(model, spec.path)
+    param = checkpoint_io.param_at(model, spec.path)
     target = param.get_value()  # A ShapeDtypeStruct.
     value = np.asarray(spec.convert(file_of[key].read(key)), target.dtype)
     if mesh is None:
@@ -360,7 +360,7 @@ def extend_vocab(
     if path in grown:
       value = _place_like(grown[path], value,
                           variable.get_metadata()["logical_axes"], rules)
-    bert.param_at(model, path).set_value(value)
+    checkpoint_io.param_at(model, path).set_value(value)
   return new_config, model
 
 

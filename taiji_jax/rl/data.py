@@ -153,8 +153,8 @@ def eval_parts(sft_config, data: sft.Data,
   pref_split = data.dataset.split_leave_one_out(pref_len)
   out = {}
   for part in ("valid", "test"):
-    p = sft._eval_split(data.split[part], data.item_tokens, data.prefixes,  # pylint: disable=protected-access
-                        sft_config, data.vocab.pad_id, data.titles)
+    p = sft.eval_split(data.split[part], data.item_tokens, data.prefixes,
+                       sft_config, data.vocab.pad_id, data.titles)
     if not np.array_equal(pref_split[part]["users"], p["users"]):
       raise AssertionError(f"{part}: the two splits list different users.")
     p["pref_histories"] = pref_split[part]["histories"]

@@ -362,7 +362,7 @@ def build(config: ml_collections.ConfigDict,
                train_state.batch_putter(mesh, rules), mesh)
 
 
-def _eval_split(part: dict[str, np.ndarray],
+def eval_split(part: dict[str, np.ndarray],
                 item_tokens: np.ndarray,
                 prefixes: dict[int, list[int]],
                 config: ml_collections.ConfigDict,
@@ -482,7 +482,7 @@ def eval_putter(setup: Setup, pad_id: int):
 def evaluate_split(config: ml_collections.ConfigDict, setup: Setup, step,
                    params, data: Data, part: str) -> dict[str, float]:
   """Mean metrics of `step` (an eval step of `setup`) on a split part."""
-  prompts = _eval_split(data.split[part], data.item_tokens, data.prefixes,
+  prompts = eval_split(data.split[part], data.item_tokens, data.prefixes,
                         config, data.vocab.pad_id, data.titles)
   with sharding.use_mesh(setup.mesh,
                          tuple(tuple(r) for r in config.sharding_rules)):
@@ -602,7 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   eval_parts = {
       part:
-          _eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id,
+          eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id,
                       titles) for part in ("valid", "test")
   }
 
