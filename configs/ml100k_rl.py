@@ -24,12 +24,13 @@ preference reward 0.874 vs 0.876, NDCG@10 0.0523 vs 0.0518 (within noise).
 Variants (after the colon): `smoke` (synthetic data, tiny decoder, a few
 steps; reads the smoke pipeline's runs), `objective=<name>` (grpo, dr_grpo,
 dapo, ecpo, gbpo, dpo, rspo), `think` (reasoning rollouts), `seed=N`.
-`loss.*` fields left at -1 take the objective's paper defaults
+`loss.*` fields left unset (None) take the objective's paper defaults
 (`taiji_jax.rl.objectives.defaults`). Any field can be overridden, e.g.
 `--config.train.lr=1e-4 --config.weights.semantic=0.25`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from taiji_jax import config_lib
 
@@ -58,7 +59,7 @@ def get_config(arg=None):
           gradients="params",  # or "hidden": MGDA-UB
           layers="all",  # or "last:N" or "re:<regex>"
           groups=0,  # rollout groups the gradients are taken on (0: all)
-          eta=-1.0,  # popo step size (< 0: train.lr)
+          eta=config_dict.placeholder(float),  # popo step (None: train.lr)
           # popo regulariser: the step is eta * I / mu. 1e-5 is Lu et al.'s;
           # configs/ml100k_pareto.py uses 2e-3 (README "Pareto front").
           mu=1e-5,
@@ -102,9 +103,12 @@ def get_config(arg=None):
 
   c.objective = arg.objective
   c.advantage = "auto"  # or std / center / none / gdpo
-  # -1: the objective's default (objectives.defaults(objective)).
-  c.loss = ml_collections.ConfigDict(
-      dict(eps_low=-1.0, eps_high=-1.0, kl_coef=-1.0, delta=-1.0, beta=-1.0))
+  # Unset (None): the objective's default (objectives.defaults(objective));
+  # set one with e.g. --config.loss.kl_coef=0.01.
+  c.loss = ml_collections.ConfigDict({
+      k: config_dict.placeholder(float)
+      for k in ("eps_low", "eps_high", "kl_coef", "delta", "beta")
+  })
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # prompts per step (x group_size rollouts)

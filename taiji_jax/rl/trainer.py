@@ -96,10 +96,10 @@ def sasrec_dir(config, sft_workdir: pathlib.Path) -> pathlib.Path:
 
 
 def objective_config(config) -> obj_lib.ObjectiveConfig:
-  """The objective's paper defaults, with `config.loss` fields >= 0 over
-  them (-1 keeps the default)."""
+  """The objective's paper defaults, with the `config.loss` fields that are
+  set (not None) over them."""
   base = obj_lib.defaults(config.objective)
-  overrides = {k: float(v) for k, v in config.loss.items() if v >= 0}
+  overrides = {k: float(v) for k, v in config.loss.items() if v is not None}
   unknown = set(overrides) - set(base.__dataclass_fields__)
   if unknown:
     raise ValueError(f"config.loss has unknown fields {sorted(unknown)}.")
@@ -113,10 +113,10 @@ def rollout_config(config, keep_hidden: bool = False
 
 
 def weight_rule(config) -> weighting.WeightRule:
-  """`config.weighting` with `config.weighting_cfg` (eta < 0: the RL
+  """`config.weighting` with `config.weighting_cfg` (eta None: the RL
   learning rate, as in Lu et al. 2025's reference code)."""
   wc = config.weighting_cfg
-  eta = float(wc.eta) if wc.eta >= 0 else float(config.train.lr)
+  eta = float(config.train.lr) if wc.eta is None else float(wc.eta)
   return weighting.make(
       config.weighting,
       gradients=wc.gradients,
