@@ -83,7 +83,8 @@ def get_config(arg=None):
   })
   # Held-out judges in every evaluation (taiji_jax.rl.judges): models the
   # policy is not trained on. semantic: another text encoder (a causal LM,
-  # mean-pooled and centred); preference: item-kNN on the training split.
+  # PromptEOL last-token state, centred); preference: item-kNN on the
+  # training split.
   c.judges = ml_collections.ConfigDict(
       dict(
           names=("semantic", "preference"),

@@ -7,9 +7,10 @@ the reward models over-rate, like the hub items the README shows). The
 judges score the same recommended items with models the policy never saw:
 
   semantic    cosine of the answer and target items' embeddings by another
-              text encoder (default SmolLM2-135M-Instruct, a causal LM,
-              mean-pooled; the reward uses all-MiniLM-L6-v2). Mean-pooled
-              LM states share a large common direction, so the embeddings
+              text encoder (default SmolLM2-135M-Instruct, a causal LM
+              read PromptEOL-style, `text.encoder.load_lm_encoder`; the
+              reward uses all-MiniLM-L6-v2). Decoder states share a large
+              common direction, so the embeddings
               are centred over the catalogue before normalising
               (`centred_rows`); 0 is then "as related as a random item".
   preference  item-kNN (Sarwar et al., 2001), a collaborative model of

@@ -464,8 +464,8 @@ def load_lm_encoder(name: str,
   if tokenizer.get_vocab_size() > model.cfg.vocab_size:
     raise ValueError(f"{f.path}: vocabulary of {tokenizer.get_vocab_size()} "
                      f"exceeds the model's vocab_size {model.cfg.vocab_size}.")
-  logging.info("text encoder %s (mean-pooled causal LM) from %s", name,
-               f.path)
+  logging.info("text encoder %s (causal LM, %s pooling) from %s", name,
+               pooling, f.path)
   return TextEncoder(
       model,
       tokenizer,
@@ -488,7 +488,7 @@ def load_text_encoder(name: str = DEFAULT_MODEL,
   Args:
     name: "all-MiniLM-L6-v2", or a checkpoint directory; or a GGUF
       language model (a `gguf_import.PRETRAINED` name or a .gguf file),
-      mean-pooled (`load_lm_encoder`).
+      read as a sentence encoder (`load_lm_encoder`).
     path: a checkpoint directory or .gguf file (overrides the download of
       `name`).
     precision: matmul precision of the forward pass ("highest" for exact
