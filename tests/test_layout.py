@@ -44,3 +44,19 @@ def test_no_protected_access_across_modules():
         offenders.append(f"{path.relative_to(PACKAGE)}: "
                          f"{node.value.id}.{node.attr}")
   assert not offenders, offenders
+
+
+def test_the_registry_names_unknown_entries_and_keeps_defaults():
+  from taiji_jax import registry  # pylint: disable=g-import-not-at-top
+  r = registry.Registry("widget")
+  r.add("a", len, size=3)
+  assert r.get("a") is len and r.defaults("a") == {"size": 3}
+  r.defaults("a")["size"] = 4  # a copy
+  assert r.defaults("a") == {"size": 3}
+  with pytest.raises(ValueError, match=r"unknown widget 'b'; known: \['a'\]"):
+    r.get("b")
+  with pytest.raises(ValueError, match="registered twice"):
+    r.add("a", min)
+  with r.temporarily("b", max):
+    assert r.names() == ["a", "b"]
+  assert "b" not in r

@@ -580,8 +580,7 @@ def test_gather_groups():
 # Registry.
 # ---------------------------------------------------------------------------
 def test_registry_and_defaults():
-  assert set(obj_lib.OBJECTIVES) == set(NAMES) == set(
-      obj_lib.DEFAULT_ADVANTAGE)
+  assert set(obj_lib.OBJECTIVES) == set(NAMES)
   with pytest.raises(ValueError, match="'ppo'.*dapo"):
     obj_lib.get("ppo")
   with pytest.raises(ValueError, match="ppo"):
@@ -590,8 +589,8 @@ def test_registry_and_defaults():
   assert obj_lib.defaults("dapo").eps_high == 0.28
   assert obj_lib.defaults("ecpo").delta == 0.1
   assert obj_lib.defaults("dpo").beta == 0.1
-  assert obj_lib.DEFAULT_ADVANTAGE["dr_grpo"] == "center"
-  assert obj_lib.DEFAULT_ADVANTAGE["rspo"] == "none"
+  assert obj_lib.default_advantage("dr_grpo") == "center"
+  assert obj_lib.default_advantage("rspo") == "none"
   with pytest.raises(ValueError, match="beta"):
     obj_lib.ObjectiveConfig(beta=0.0)
 
@@ -669,7 +668,7 @@ def _completion_logp(params, prompt_n, a_n, b_n):
 
 def _bandit_run(name, steps=40, inner=2):
   fn, cfg = obj_lib.get(name), obj_lib.defaults(name)
-  kind = obj_lib.DEFAULT_ADVANTAGE[name]
+  kind = obj_lib.default_advantage(name)
   tx = optax.adam(0.1)
   init = {"first": jnp.zeros((P, K)), "second": jnp.zeros((P, K))}
   prompt_n = jnp.repeat(jnp.arange(P), G)

@@ -76,7 +76,7 @@ def _gram_fn(setup, rule, objective="grpo"):
       reward_gradients.make_gram_fn(
           graphdef, cfg, OFFSETS, objective=objective,
           objective_cfg=objectives.defaults(objective),
-          advantage_kind=objectives.DEFAULT_ADVANTAGE[objective],
+          advantage_kind=objectives.default_advantage(objective),
           rule=rule))
 
 

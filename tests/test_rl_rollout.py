@@ -378,11 +378,8 @@ def test_each_objective_raises_a_toy_reward_through_the_whole_stack(
     del sasrec_graphdef
     return lambda tables, inputs: inputs.items / 37.0
 
-  rewards_lib.REWARDS["toy_item_id"] = toy
-  try:
+  with rewards_lib.REWARDS.temporarily("toy_item_id", toy):
     reward_fn = rewards_lib.make_reward_fn(["toy_item_id"])
-  finally:
-    del rewards_lib.REWARDS["toy_item_id"]
   rollout = jax.jit(
       rollout_lib.make_rollout_fn(
           graphdef,

@@ -120,9 +120,8 @@ def half_nan_reward():
 
     return fn
 
-  rewards_lib.REWARDS["half_nan"] = factory
-  yield "half_nan"
-  del rewards_lib.REWARDS["half_nan"]
+  with rewards_lib.REWARDS.temporarily("half_nan", factory):
+    yield "half_nan"
 
 
 def _nan_config(stages, **overrides):

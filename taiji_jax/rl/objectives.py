@@ -42,6 +42,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from taiji_jax import registry
 from taiji_jax.rl import advantages as adv_lib
 
 MAX_LOG_RATIO = 20.0
@@ -432,45 +433,33 @@ def rspo(batch: PolicyBatch, cfg: ObjectiveConfig) -> tuple[jax.Array,
   }
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "grpo": grpo,
-    "dr_grpo": dr_grpo,
-    "dapo": dapo,
-    "ecpo": ecpo,
-    "gbpo": gbpo,
-    "dpo": dpo,
-    "rspo": rspo,
-}
-
-# The `advantages.group_advantages` kind each objective is meant for.
-DEFAULT_ADVANTAGE: dict[str, str] = {
-    "grpo": "std",
-    "dr_grpo": "center",
-    "dapo": "std",
-    "ecpo": "std",
-    "gbpo": "std",
-    "dpo": "none",
-    "rspo": "none",
-}
-
-_DEFAULTS: dict[str, ObjectiveConfig] = {
-    "grpo": ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.04),
-    "dr_grpo": ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0),
-    "dapo": ObjectiveConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.0),
-    "ecpo": ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0,
-                            delta=0.1),
-    "gbpo": ObjectiveConfig(kl_coef=0.0),
-    "dpo": ObjectiveConfig(beta=0.1),
-    "rspo": ObjectiveConfig(beta=0.1),
-}
+# Every objective with its paper defaults (`defaults`) and the
+# `advantages.group_advantages` kind it is meant for (`default_advantage`).
+OBJECTIVES = registry.Registry("objective")
+OBJECTIVES.add("grpo", grpo, advantage="std",
+               config=ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.04))
+OBJECTIVES.add("dr_grpo", dr_grpo, advantage="center",
+               config=ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0))
+OBJECTIVES.add("dapo", dapo, advantage="std",
+               config=ObjectiveConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.0))
+OBJECTIVES.add("ecpo", ecpo, advantage="std",
+               config=ObjectiveConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.0,
+                                      delta=0.1))
+OBJECTIVES.add("gbpo", gbpo, advantage="std",
+               config=ObjectiveConfig(kl_coef=0.0))
+OBJECTIVES.add("dpo", dpo, advantage="none", config=ObjectiveConfig(beta=0.1))
+OBJECTIVES.add("rspo", rspo, advantage="none",
+               config=ObjectiveConfig(beta=0.1))
 
 
 def get(name: str) -> Objective:
   """The objective registered as `name`."""
-  if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; known: "
-                     f"{sorted(OBJECTIVES)}.")
-  return OBJECTIVES[name]
+  return OBJECTIVES.get(name)
+
+
+def default_advantage(name: str) -> str:
+  """The advantage kind objective `name` is meant for."""
+  return OBJECTIVES.defaults(name)["advantage"]
 
 
 def defaults(name: str) -> ObjectiveConfig:
@@ -478,5 +467,4 @@ def defaults(name: str) -> ObjectiveConfig:
   GRPO eps 0.2 / 0.2 with kl_coef 0.04 (DeepSeekMath); Dr. GRPO 0.2 / 0.2
   without KL; DAPO eps_low 0.2, eps_high 0.28, no KL; ECPO eps 0.2, delta
   0.1, no KL; GBPO no KL; DPO and RSPO beta 0.1."""
-  get(name)
-  return _DEFAULTS[name]
+  return OBJECTIVES.defaults(name)["config"]

@@ -33,6 +33,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from taiji_jax import registry
 from taiji_jax.models import sasrec as sasrec_lib
 
 
@@ -59,20 +60,9 @@ class RewardInputs(NamedTuple):
 
 
 RewardFn = Callable[[Any, RewardInputs], jax.Array]  # (tables, inputs) -> (N,)
-# name -> factory(static context) -> RewardFn.
-REWARDS: dict[str, Callable[..., RewardFn]] = {}
-
-
-def register(name: str):
-  """Decorator registering a reward factory under `name`."""
-
-  def wrap(factory):
-    if name in REWARDS:
-      raise ValueError(f"reward {name!r} is registered twice.")
-    REWARDS[name] = factory
-    return factory
-
-  return wrap
+# name -> factory(sasrec_graphdef=...) -> RewardFn.
+REWARDS = registry.Registry("reward")
+register = REWARDS.register
 
 
 def _answered(inputs: RewardInputs, value: jax.Array) -> jax.Array:
@@ -164,7 +154,7 @@ def check_names(names: Sequence[str]) -> list[str]:
   unknown = [n for n in names if n not in REWARDS]
   if unknown or len(set(names)) != len(names) or not names:
     raise ValueError(f"rewards {names}: unknown {unknown} or repeated or "
-                     f"empty; known: {sorted(REWARDS)}.")
+                     f"empty; known: {REWARDS.names()}.")
   return names
 
 
@@ -175,7 +165,7 @@ def make_reward_fn(names: Sequence[str], sasrec_graphdef=None):
     ValueError: an unknown or repeated name.
   """
   names = check_names(names)
-  fns = [REWARDS[n](sasrec_graphdef=sasrec_graphdef) for n in names]
+  fns = [REWARDS.get(n)(sasrec_graphdef=sasrec_graphdef) for n in names]
 
   def fn(tables, inputs):
     return jnp.stack([f(tables, inputs) for f in fns], axis=-1)

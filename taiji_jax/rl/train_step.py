@@ -106,7 +106,7 @@ def make_train_step(graphdef,
     seed: the minibatch shuffling's seed.
   """
   loss_fn_obj = obj_lib.get(objective)
-  kind = obj_lib.DEFAULT_ADVANTAGE[objective] if advantage == "auto" else (
+  kind = obj_lib.default_advantage(objective) if advantage == "auto" else (
       advantage)
   if kind not in ("std", "center", "none", "gdpo"):
     raise ValueError(f"unknown advantage {advantage!r}; use auto, std, "

@@ -181,7 +181,7 @@ def check_settings(config: ml_collections.ConfigDict, prefix: str = ""):
     ValueError (`config_checks.ConfigError` for the plain ones): naming
       the key, its value and what is allowed.
   """
-  checks.one_of(config, "objective", sorted(obj_lib.OBJECTIVES), prefix)
+  checks.one_of(config, "objective", obj_lib.OBJECTIVES.names(), prefix)
   checks.one_of(config, "advantage", ADVANTAGES, prefix)
   checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
   checks.training(config, prefix)

@@ -51,6 +51,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from taiji_jax import registry
 from taiji_jax.rl import popo as popo_lib
 
 GRADIENTS = ("none", "params", "hidden")
@@ -236,7 +237,26 @@ def floor(weights_k: jax.Array, min_weight: float) -> jax.Array:
   return min_weight + jnp.maximum(v - theta, 0.0)
 
 
-RULES: Sequence[str] = ("fixed", "popo_light", "popo", "mgda")
+def _popo_factory(eta: float, mu: float, normalization: str):
+  if not mu > 0 or not eta >= 0:
+    raise ValueError(f"popo needs eta >= 0 and mu > 0, got eta={eta}, "
+                     f"mu={mu}.")
+  return functools.partial(popo, eta=eta, mu=mu, normalization=normalization)
+
+
+# Each rule: a factory of its update from (eta, mu, normalization), with
+# whether it needs per-reward gradients, its default combine mode and
+# gradient normalisation.
+RULES = registry.Registry("reward weighting")
+RULES.add("fixed", lambda **_: fixed, gradients=False, combine="rewards")
+RULES.add("popo_light", lambda **_: popo_light, gradients=False,
+          combine="rewards")
+RULES.add("popo", _popo_factory, gradients=True, combine="objectives",
+          normalization="none")
+RULES.add("mgda",
+          lambda normalization, **_: functools.partial(
+              mgda, normalization=normalization),
+          gradients=True, combine="objectives", normalization="l2")
 
 
 def make(name: str,
@@ -259,9 +279,7 @@ def make(name: str,
   per-reward gradients into the first minibatch's backward wherever
   `WeightRule.fused` allows it.
   """
-  if name not in RULES:
-    raise ValueError(f"unknown reward weighting {name!r}; known: "
-                     f"{list(RULES)}.")
+  factory, spec = RULES.get(name), RULES.defaults(name)
   if normalization in ("loss", "loss+"):
     raise ValueError(
         f"gradient normalisation {normalization!r} divides by the policy "
@@ -272,25 +290,18 @@ def make(name: str,
     raise ValueError(f"unknown gradient normalisation {normalization!r}; use "
                      f"one of {RL_NORMALIZATIONS}.")
   if combine == "auto":
-    combine = "objectives" if name in ("popo", "mgda") else "rewards"
+    combine = spec["combine"]
   if isinstance(fused, str) and fused.lower() in ("true", "false"):
     fused = fused.lower() == "true"  # a config string
   if fused not in ("auto", True, False):
     raise ValueError(f"weighting fused must be 'auto', True or False, got "
                      f"{fused!r}.")
   common = dict(combine=combine, min_weight=min_weight)
-  if name == "fixed":
-    return WeightRule(name, fixed, **common)
-  if name == "popo_light":
-    return WeightRule(name, popo_light, **common)
-  if name == "popo":
-    if not mu > 0 or not eta >= 0:
-      raise ValueError(f"popo needs eta >= 0 and mu > 0, got eta={eta}, "
-                       f"mu={mu}.")
-    fn = functools.partial(popo, eta=eta, mu=mu,
-                           normalization=normalization or "none")
-  else:
-    fn = functools.partial(mgda, normalization=normalization or "l2")
+  fn = factory(
+      eta=eta, mu=mu,
+      normalization=normalization or spec.get("normalization", "none"))
+  if not spec["gradients"]:
+    return WeightRule(name, fn, **common)
   if gradients == "none":
     raise ValueError(f"weighting {name!r} needs gradients ('params' or "
                      "'hidden'), got 'none'.")
