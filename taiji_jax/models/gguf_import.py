@@ -35,6 +35,7 @@ import pathlib
 import struct
 from typing import Any, Mapping
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,7 +128,6 @@ class GGUFFile:
   """
 
   def __init__(self, path: os.PathLike | str):
-    import gguf  # pylint: disable=g-import-not-at-top
     self.path = pathlib.Path(path)
     if not self.path.is_file():
       raise FileNotFoundError(f"{self.path}: no such GGUF file")
@@ -158,7 +158,6 @@ class GGUFFile:
 
   def read(self, name: str) -> np.ndarray:
     """The tensor dequantized to float32, in PyTorch (out, in) order."""
-    import gguf  # pylint: disable=g-import-not-at-top
     t = self._tensors[name]
     w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     want = self.shape(name)

@@ -14,6 +14,7 @@ import os
 from typing import Sequence
 
 from flax import nnx
+import gguf
 import numpy as np
 
 from taiji_jax.models import decoder as decoder_lib
@@ -74,7 +75,6 @@ def write_gguf(path: os.PathLike | str,
     with_tokenizer: False writes no tokenizer (models smaller than it).
     drop: GGUF tensor names left out (for error tests).
   """
-  import gguf  # pylint: disable=g-import-not-at-top
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.num_layers)
   w.add_context_length(cfg.max_seq_len)
