@@ -48,7 +48,8 @@ def test_variants_and_their_overrides():
   overrides = dict(pareto.variants(config))
   assert overrides["fixed_0.25"]["weights.preference"] == 0.75
   assert overrides["popo"]["weighting"] == "popo"
-  assert overrides["popo"]["weighting_cfg.mu"] == 2e-3
+  assert overrides["popo"]["weighting_cfg.mu"] == 5e-4
+  assert overrides["popo"]["weighting_cfg.min_weight"] == 0.05
   assert overrides["mgda"]["weighting_cfg.normalization"] == "l2"
   assert overrides["gdpo"] == {"weighting": "fixed", "advantage": "gdpo"}
   # Every variant's overrides apply to the RL config.
