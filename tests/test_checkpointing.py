@@ -70,13 +70,12 @@ def test_a_damaged_latest_step_falls_back_to_the_intact_one(tmp_path, damage):
 def test_every_single_byte_flip_is_caught(tmp_path):
   ckpt = _saved(tmp_path)
   files = _data_files(ckpt, 2)
-  for i, path in enumerate(files):
+  for path in files:
     for offset in (0, 7, path.stat().st_size // 3, -1):
       _flip(path, offset)
       assert ckpt.verify(2) is not None, (path, offset)
       _flip(path, offset)  # undo
       assert ckpt.verify(2) is None
-  del i
   ckpt.close()
 
 

@@ -74,7 +74,8 @@ def text_embeddings(enc_cfg,
   key = text_key(enc_cfg, texts)
   for other in also:
     if cached_key(other) == key:
-      return cached_array(other, key, lambda: None)
+      with np.load(other, allow_pickle=False) as f:
+        return f["x"]
 
   def compute():
     encoder = text.load_text_encoder(enc_cfg.name, path=enc_cfg.path or None)

@@ -18,7 +18,6 @@ every step's problem listed, so damaged values are never restored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -29,6 +28,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from taiji_jax.data import fetch
+
 
 DIGESTS = "digests"
 
@@ -37,18 +38,10 @@ class CheckpointCorrupt(RuntimeError):
   """No checkpoint step of a run is intact."""
 
 
-def _file_digest(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def step_digests(step_dir: pathlib.Path) -> dict[str, str]:
   """{relative path: SHA-256} of every file of a checkpoint step."""
   return {
-      str(p.relative_to(step_dir)): _file_digest(p)
+      str(p.relative_to(step_dir)): fetch.sha256(p)
       for p in sorted(step_dir.rglob("*"))
       if p.is_file()
   }
