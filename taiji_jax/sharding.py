@@ -167,6 +167,30 @@ def data_sharding(mesh: Mesh,
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
+def process_rows(mesh: Mesh,
+                 rows: int,
+                 rules: Rules | None = None) -> slice:
+  """The block of a global batch of `rows` rows that this process's devices
+  hold under the batch sharding (all rows in a single-process run).
+
+  Raises:
+    ValueError: this process's rows are not one contiguous block (a mesh
+      whose batch axes interleave processes).
+  """
+  spec = data_sharding(mesh, 1, rules, (rows,))
+  held = sorted({(s[0].start or 0, rows if s[0].stop is None else s[0].stop)
+                 for s in spec.addressable_devices_indices_map(
+                     (rows,)).values()})
+  end = held[0][0]
+  for start, stop in held:
+    if start != end:
+      raise ValueError(f"process {jax.process_index()} holds rows {held} of "
+                       "the batch: not one block; order the mesh devices by "
+                       "process.")
+    end = stop
+  return slice(held[0][0], end)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()

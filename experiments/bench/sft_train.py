@@ -8,7 +8,7 @@ Defaults come from `--config` (`configs/ml100k_sft.py`): its decoder
 kv heads, MLP 256) on the vocabulary of `--codebooks` 64/64/64/4 (8
 specials + 196 SID codes + config.vocab.size 1,000 pieces: 1,204 ids), rows
 of `sft.row_length` = 32 prefix + 31 items x 4 SID tokens = 156 tokens, its
-batch of 64 and its optimizer (`sasrec_trainer.make_optimizer`: AdamW with
+batch of 64 and its optimizer (`optimizer.from_config`: AdamW with
 warmup, cosine decay and global norm clipping). Any preset and overrides
 can be given, e.g. `--preset=llama_1b --overrides='{"remat": true}'
 --dtype=bfloat16 --batch_size=8 --seq_len=1024` (the preset's own
@@ -54,7 +54,7 @@ from taiji_jax import benchmarking
 from taiji_jax import launch
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import optimizer
 from taiji_jax.train import sft
 
 SFT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / (
@@ -129,7 +129,7 @@ def run(model_cfg: decoder_lib.DecoderConfig,
   """
   rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  tx = sasrec_trainer.make_optimizer(config, steps + 1)
+  tx = optimizer.from_config(config, steps + 1)
   graphdef, init_state = sft.state_init_fn(model_cfg, tx, seed)
   state_shardings = sharding.tree_shardings(
       jax.eval_shape(init_state), mesh, rules)

@@ -14,11 +14,21 @@ every epoch has the same number of identical-shape batches (one compile),
 and batches never straddle epochs. The iterator's `get_state()` is saved
 with each checkpoint and restored with `set_state()`, so a resumed run sees
 exactly the batches an uninterrupted run would.
+
+`step_batches` is the same mechanism for trainers whose batches are planned
+per epoch (SFT's length buckets, RL's prompt permutations): step s's batch is
+`take(plan(epoch)[s - epoch * steps_per_epoch])`, a grain MapDataset over
+steps, so every trainer resumes through the same checkpointed iterator
+state. `rows` (default: all) is this process's block of each global batch
+(`sharding.process_rows`): a process gathers only the rows its devices hold,
+and `train_state.batch_putter` assembles the global array from every
+process's block.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -74,8 +84,11 @@ def training_windows(sequences: Sequence[np.ndarray],
   return {"inputs": np.stack(inputs), "targets": np.stack(targets)}
 
 
-def train_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                  num_epochs: int) -> grain.MapDataset:
+def train_batches(arrays: dict[str, np.ndarray],
+                  batch_size: int,
+                  seed: int,
+                  num_epochs: int,
+                  rows: slice = slice(None)) -> grain.MapDataset:
   """Epoch-aligned, seeded, fixed-shape batches of row-aligned arrays.
 
   Args:
@@ -83,30 +96,60 @@ def train_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
     batch_size: rows per batch.
     seed: shuffle seed; each epoch gets a different permutation.
     num_epochs: epochs to produce.
+    rows: the block of each batch to gather (this process's rows).
 
   Returns:
-    A grain MapDataset of dicts of (batch_size, ...) arrays; padding rows are
-    all zeros (masked by the loss, which ignores target 0).
+    A grain MapDataset of dicts of (batch_size, ...) arrays (their `rows`
+    block); padding rows are all zeros (masked by the loss, which ignores
+    target 0).
   """
   sizes = {k: len(v) for k, v in arrays.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays differ in length: {sizes}.")
-  rows = next(iter(sizes.values()))
-  if rows == 0:
+  count = next(iter(sizes.values()))
+  if count == 0:
     raise ValueError("no training rows: every sequence is shorter than 2.")
-  padded = -(-rows // batch_size) * batch_size
+  padded = -(-count // batch_size) * batch_size
   table = {
       k: np.concatenate([v,
-                         np.zeros((padded - rows,) + v.shape[1:],
+                         np.zeros((padded - count,) + v.shape[1:],
                                   v.dtype)]) for k, v in arrays.items()
   }
 
   def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[indices] for k, v in table.items()}
+    return {k: v[indices[rows]] for k, v in table.items()}
 
   return (grain.MapDataset.range(padded).shuffle(
       seed=seed).repeat(num_epochs).batch(batch_size,
                                           batch_fn=np.asarray).map(gather))
+
+
+def step_batches(num_steps: int, steps_per_epoch: int,
+                 plan: Callable[[int], Sequence[Any]],
+                 take: Callable[[Any], dict[str, np.ndarray]]
+                ) -> grain.MapDataset:
+  """Batches of a run whose data order is planned per epoch.
+
+  Args:
+    num_steps: steps of the run.
+    steps_per_epoch: entries of each epoch's plan that are used.
+    plan: epoch -> that epoch's batch descriptions (e.g. index arrays), a
+      pure function of the epoch (and the run's seed); cached per epoch.
+    take: a batch description -> the host batch (this process's rows).
+
+  Returns:
+    A grain MapDataset over steps; its iterator's state is the step, so a
+    resumed run continues with exactly the batch an uninterrupted run would.
+  """
+  if steps_per_epoch < 1:
+    raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
+  planned = functools.lru_cache(maxsize=2)(plan)
+
+  def batch(step: int) -> dict[str, np.ndarray]:
+    epoch, pos = divmod(int(step), steps_per_epoch)
+    return take(planned(epoch)[pos])
+
+  return grain.MapDataset.range(num_steps).map(batch)
 
 
 def eval_batches(split: dict[str, np.ndarray], batch_size: int):

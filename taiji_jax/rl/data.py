@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taiji_jax.cot import data as cot_data
+from taiji_jax.data import pipeline
 from taiji_jax.rl import judges as judges_lib
 from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.text import embedding_cache
@@ -145,6 +146,32 @@ def training_prompts(config, sft_config, data: sft.Data,
       "users": ex["users"],
       "pref_histories": right_align(ex["histories"], pref_len),
   }
+
+
+def prompt_batches(prompts: dict[str, np.ndarray],
+                   batch_size: int,
+                   seed: int,
+                   num_steps: int,
+                   process_rows: slice = slice(None)):
+  """The RL run's prompt batches: a grain MapDataset over steps.
+
+  Each epoch is a permutation of the prompts seeded by (seed, epoch), cut
+  into `len // batch_size` batches (the remainder waits for a later
+  epoch's order); this process gathers its `process_rows` of each batch.
+  """
+  n = len(prompts["targets"])
+  per_epoch = n // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"config.train.batch_size={batch_size} is larger than "
+                     f"the {n} RL prompts.")
+
+  def plan(epoch):
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+
+  return pipeline.step_batches(
+      num_steps, per_epoch, plan,
+      lambda idx: {k: v[idx[process_rows]] for k, v in prompts.items()})
 
 
 def eval_parts(sft_config, data: sft.Data,

@@ -30,8 +30,10 @@ and writes into the workdir:
 
 Training prompts are each user's last `prompts_per_user` training targets
 (history = the items before), never the valid/test items. Step s uses the
-prompts of a permutation seeded by (seed, epoch) and the rollout key
-fold_in(key(seed), s), so a resumed run repeats the uninterrupted one.
+prompts of a permutation seeded by (seed, epoch) (`rl_data.prompt_batches`,
+a grain pipeline whose state is checkpointed) and the rollout key
+fold_in(key(seed), s), so a resumed run repeats the uninterrupted one; the
+loop is `train.fit`.
 Evaluation is the SFT stage's (trie-constrained beam, history excluded) plus
 the semantic and preference rewards of the top-1 item and the mean over the
 top 10 (`reward/semantic@1`, ...).
@@ -62,7 +64,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from taiji_jax import config_checks as checks
 from taiji_jax import sharding
@@ -76,9 +77,9 @@ from taiji_jax.rl import rollout as rollout_lib
 from taiji_jax.rl import train_step as step_lib
 from taiji_jax.rl import weighting
 from taiji_jax.train import checkpointing
-from taiji_jax.train import loop
+from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import optimizer
 from taiji_jax.train import sft
 from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
@@ -260,16 +261,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ref_params = setup.copy_params(nnx.state(decoder, nnx.Param))
 
   prompts = rl_data.training_prompts(config, sft_config, data, pref_len)
-  num_prompts = len(prompts["targets"])
   b = int(config.train.batch_size)
-  steps_per_epoch = num_prompts // b
-  if steps_per_epoch < 1:
-    raise ValueError(f"config.train.batch_size={b} is larger than the "
-                     f"{num_prompts} RL prompts.")
   num_steps = int(config.train.num_steps)
+  prompt_batches = rl_data.prompt_batches(
+      prompts, b, int(config.seed), num_steps,
+      sharding.process_rows(mesh, b, rules))
   updates = num_steps * int(config.train.epochs) * int(
       config.train.num_minibatches)
-  tx = sasrec_trainer.make_optimizer(config, updates)
+  tx = optimizer.from_config(config, updates)
   init = lambda p: step_lib.init_state(p, tx, w0)
   state_shardings = sharding.tree_shardings(
       jax.eval_shape(init, ref_params), mesh, rules)
@@ -333,79 +332,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       }, parts[part], int(config.eval.batch_size), put_eval)
 
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-  state, best_params, saved, resumed = checkpointing.resume_training(
-      ckpt, state, copy_params(state["params"]), state_shardings)
-  meta = saved if resumed else {
-      "step": 0,
-      "best": -1.0,
-      "best_step": 0,
-      "skipped_in_a_row": 0,
-      "sft_valid": None,
-      "done": False
-  }
-  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
   metric = config.eval.early_stop_metric
   every_eval = int(config.eval.every_steps)
+  schedule = fit.Schedule(
+      num_steps=num_steps,
+      eval_every=every_eval,
+      checkpoint_every=int(config.checkpoint_every_steps),
+      metric=metric)
+  state, best_params, meta, _ = fit.resume(
+      ckpt, state, copy_params(state["params"]), state_shardings,
+      fit.initial_meta(skipped_in_a_row=0, sft_valid=None))
+  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
   if meta["sft_valid"] is None and every_eval:
     meta["sft_valid"] = evaluate(ref_params, "valid")
     meta["best"] = meta["sft_valid"][metric]
     writer.write(0, {f"valid/{k}": v for k, v in meta["sft_valid"].items()})
     logging.info("SFT valid %s: %.4f", metric, meta["best"])
 
-  every_ckpt = int(config.checkpoint_every_steps)
-  progress = tqdm.trange(
-      meta["step"],
-      num_steps,
-      initial=meta["step"],
-      total=num_steps,
-      desc=f"rl {config.objective}",
-      unit="step",
-      disable=meta["done"] or not config.progress_bar)
-  order_epoch, order = -1, None
+  batches = iter(prompt_batches.to_iter_dataset())
+
+  def rl_step(state, batch, step):
+    key = jax.random.fold_in(jax.random.key(int(config.seed)), step)
+    roll, rewards_nk = rollout_fn(state["params"], ref_params, tables,
+                                  put(batch, b), key)
+    return train_step(state, roll, rewards_nk)
+
+  def record(window, step, meta):
+    m = _host_metrics(window[-1])
+    check_step(config, step, m, names, meta)
+    return m
+
   with sharding.use_mesh(mesh, rules):
-    for step in progress:
-      if meta["done"]:
-        break
-      loop.maybe_inject_fault(step)
-      t0 = time.perf_counter()
-      epoch, pos = divmod(step, steps_per_epoch)
-      if epoch != order_epoch:  # one permutation per epoch
-        order_epoch = epoch
-        order = np.random.default_rng([int(config.seed),
-                                       epoch]).permutation(num_prompts)
-      idx = order[pos * b:(pos + 1) * b]
-      batch = put({k: v[idx] for k, v in prompts.items()})
-      key = jax.random.fold_in(jax.random.key(int(config.seed)), step)
-      roll, rewards_nk = rollout_fn(state["params"], ref_params, tables,
-                                    batch, key)
-      state, m = train_step(state, roll, rewards_nk)
-      m = _host_metrics(m)
-      m["seconds"] = time.perf_counter() - t0
-      check_step(config, step + 1, m, names, meta)
-      meta["step"] = step + 1
-      done = meta["step"] == num_steps
-      if every_eval and (meta["step"] % every_eval == 0 or done):
-        t1 = time.perf_counter()
-        valid = evaluate(state["params"], "valid")
-        m.update({f"valid/{k}": v for k, v in valid.items()})
-        m["valid/seconds"] = time.perf_counter() - t1
-        if valid[metric] > meta["best"]:
-          meta.update(best=valid[metric], best_step=meta["step"])
-          best_params = copy_params(state["params"])
-          meta["best_valid"] = valid
-      writer.write(meta["step"], m)
-      progress.set_postfix(
-          reward=f"{m['reward/combined/mean']:.3f}", kl=f"{m['kl']:.4f}")
-      meta["done"] = done
-      if done or (every_ckpt and meta["step"] % every_ckpt == 0):
-        ckpt.save(meta["step"], {
-            "state": state,
-            "best_params": best_params
-        }, meta)
-    progress.close()
+    out = fit.fit(
+        state,
+        best_params,
+        meta,
+        train_step=rl_step,
+        batches=batches,
+        schedule=schedule,
+        checkpoints=ckpt,
+        writer=writer,
+        copy_params=copy_params,
+        evaluate=lambda params: evaluate(params, "valid"),
+        record=record,
+        postfix=lambda r, m: dict(
+            reward=f"{r['reward/combined/mean']:.3f}", kl=f"{r['kl']:.4f}"),
+        progress=f"rl {config.objective}",
+        progress_bar=config.progress_bar)
+    state, best_params, meta = out.state, out.best_params, out.meta
   ckpt.close()
-  if not every_eval:  # no selection: the final parameters
-    best_params, meta["best_step"] = state["params"], meta["step"]
+  if not every_eval:  # no selection: the final parameters (fit's result)
     meta["best_valid"] = evaluate(best_params, "valid")
     if config.eval.reference_model:
       meta["sft_valid"] = evaluate(ref_params, "valid")

@@ -175,35 +175,3 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
       shardings)
-
-
-def resume_training(ckpt: "Checkpoints", state: Any, best_params: Any,
-                    state_shardings: Any) -> tuple[Any, Any, dict, bool]:
-  """The training state to continue from: the latest checkpoint or `state`.
-
-  Returns:
-    (state, best_params, meta, resumed); `meta` holds the loop counters
-    (epoch, best valid metric, its epoch, evaluations without improvement,
-    done) plus whatever the trainer saved with them; on a resume it is the
-    saved meta as it was (a step-based trainer saves its own counters).
-  """
-  meta = {
-      "epoch": 0,
-      "best": -1.0,
-      "best_epoch": 0,
-      "bad_evals": 0,
-      "done": False
-  }
-  if ckpt.latest_step() is None:
-    return state, best_params, meta, False
-  abstract = abstract_like({
-      "state": state,
-      "best_params": best_params
-  }, {
-      "state": state_shardings,
-      "best_params": state_shardings["params"]
-  })
-  restored, meta = ckpt.restore(abstract)
-  logging.info("resumed from %s at step %d (meta %s)", ckpt.directory,
-               int(restored["state"]["step"]), meta)
-  return restored["state"], restored["best_params"], meta, True

@@ -4,14 +4,15 @@
 point `experiments/train_sasrec.py` and notebooks call it. The workdir holds:
 
   config.json      the config (a resumed run must use the same one)
-  checkpoints/     orbax: train state, best parameters, iterator and early-
-                   stopping state, every `checkpoint_every_epochs` evaluated
-                   epochs and at the end
+  checkpoints/     orbax: train state, best parameters, loop counters and
+                   the grain iterator's state, every
+                   `checkpoint_every_epochs` epochs and at the end
   metrics.jsonl    per-epoch train loss and valid metrics (process 0)
   results.json     {"valid": {...}, "test": {...}} of the best-valid params
 
-Resume order: the latest checkpoint in `<workdir>/checkpoints`, else a fresh
-initialisation from `config.seed`. Data order (grain iterator state), dropout
+The loop is `train.fit` (evaluation, early stopping, checkpoints, the
+non-finite guard). Resume order: the latest checkpoint in
+`<workdir>/checkpoints`, else a fresh initialisation from `config.seed`. Data order (grain iterator state), dropout
 keys (`fold_in(seed, step)`) and early stopping are all restored, so a run
 that is killed and re-run with the same command ends with the same numbers as
 one that never stopped.
@@ -23,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import time
 from typing import Any
 
 from absl import logging
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import tqdm
 
 from taiji_jax import config_checks as checks
 from taiji_jax import data as data_lib
@@ -41,8 +40,9 @@ from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import sasrec
 from taiji_jax.train import checkpointing
-from taiji_jax.train import loop
+from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
+from taiji_jax.train import optimizer
 from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
@@ -61,27 +61,8 @@ def model_config(config: ml_collections.ConfigDict,
       num_items=num_items, max_len=config.max_len, **config.model.to_dict())
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup and constant or cosine decay, grad clipping."""
-  t = config.train
-  warmup = min(t.warmup_steps, max(total_steps - 1, 0))
-  if t.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(warmup, 1),
-                                            max(total_steps, warmup + 1))
-  elif t.schedule == "constant":
-    lr = optax.join_schedules([
-        optax.linear_schedule(0.0, t.lr, max(warmup, 1)),
-        optax.constant_schedule(t.lr)
-    ], [max(warmup, 1)])
-  else:
-    raise ValueError(f"config.train.schedule must be 'cosine' or 'constant', "
-                     f"got {t.schedule!r}.")
-  chain = []
-  if t.grad_clip:
-    chain.append(optax.clip_by_global_norm(t.grad_clip))
-  chain.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
-  return optax.chain(*chain)
+# Every trainer's optimizer (kept here under its old name).
+make_optimizer = optimizer.from_config
 
 
 @dataclasses.dataclass
@@ -177,66 +158,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   setup = build(config, model_config(config, dataset.num_items), total_steps,
                 mesh)
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-  batches = pipeline.train_batches(windows, batch_size, config.seed,
-                                   config.train.num_epochs)
-  iterator = iter(batches.to_iter_dataset())
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  rows = sharding.process_rows(mesh, batch_size, rules)
+  batches = iter(
+      pipeline.train_batches(windows, batch_size, config.seed,
+                             config.train.num_epochs, rows).to_iter_dataset())
   key = jax.random.key(config.seed)
-
-  state, best_params, meta, resumed = checkpointing.resume_training(
+  state, best_params, meta, _ = fit.resume(
       ckpt, setup.state, setup.copy_params(setup.state["params"]),
-      setup.state_shardings)
-  if resumed:
-    iterator.set_state(meta.pop("data_iter"))
-  step = int(state["step"])  # host copy, to avoid a device sync per step
-  writer = metric_writer.MetricWriter(workdir, resume_step=step)
+      setup.state_shardings, fit.initial_meta())
+  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
 
   def evaluate(params, part):
     return full_ranking.evaluate(setup.eval_step, params, split[part],
                                  config.eval.batch_size, setup.put_batch)
 
-  progress = tqdm.trange(
-      meta["epoch"],
-      config.train.num_epochs,
-      initial=meta["epoch"],
-      total=config.train.num_epochs,
-      desc=f"sasrec {dataset.name}",
-      unit="epoch",
-      disable=meta["done"] or not config.progress_bar)
-  with sharding.use_mesh(mesh, tuple(tuple(r) for r in config.sharding_rules)):
-    for epoch in progress:
-      t0 = time.perf_counter()
-      losses = []
-      for _ in range(steps_per_epoch):
-        loop.maybe_inject_fault(step)
-        batch = setup.put_batch(next(iterator))
-        state, step_metrics = setup.train_step(state, batch, key)
-        losses.append(step_metrics["loss"])
-        step += 1
-      record, improved, save = loop.finish_epoch(
-          config, meta, epoch, step, losses, t0,
-          lambda: evaluate(state["params"], "valid"))
-      if improved:
-        best_params = setup.copy_params(state["params"])
-      writer.write(step, record)
-      progress.set_postfix(
-          loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
-      if save:
-        ckpt.save(step, {
-            "state": state,
-            "best_params": best_params
-        }, dict(meta, data_iter=iterator.get_state()))
-      if meta["done"]:
-        break
-    progress.close()
+  def train_step(state, batch, step):
+    return setup.train_step(state, setup.put_batch(batch, batch_size), key)
+
+  with sharding.use_mesh(mesh, rules):
+    out, epochs = fit.fit_epochs(
+        config, f"sasrec {dataset.name}", steps_per_epoch, state, best_params,
+        meta, train_step=train_step, batches=batches, checkpoints=ckpt,
+        writer=writer, copy_params=setup.copy_params,
+        evaluate=lambda params: evaluate(params, "valid"))
+    state, best_params, meta = out.state, out.best_params, out.meta
     results = {
         "valid":
             evaluate(best_params, "valid"),
         "test":
             evaluate(best_params, "test"),
-        "best_epoch":
-            meta["best_epoch"],
-        "epochs_run":
-            meta["epoch"],
+        **epochs,
         "steps":
             int(state["step"]),
         "dataset": {

@@ -8,9 +8,9 @@ semantic IDs of the sids stage (`config.sids_workdir`, default
   config.json      the config (a resumed run must use the same one)
   vocab/           the sentencepiece + SID vocabulary (reused when the texts
                    and codebooks are unchanged)
-  checkpoints/     orbax: train state, best parameters and early-stopping
-                   state, every `checkpoint_every_epochs` evaluated epochs and
-                   at the end
+  checkpoints/     orbax: train state, best parameters, loop counters and
+                   the input iterator's state, every
+                   `checkpoint_every_epochs` epochs and at the end
   metrics.jsonl    per-epoch train loss and valid metrics (process 0)
   results.json     {"valid": {...}, "test": {...}} of the best-valid params,
                    in the format of the SASRec stage
@@ -25,9 +25,10 @@ recent history and ranks items by trie-constrained beam search (beams =
 max(ks)) that never returns an item the user has seen, the candidate set of
 SASRec's masked full ranking.
 
-Resume order: the latest checkpoint in `<workdir>/checkpoints` (saved at
-epoch ends, so the data order resumes with the next epoch's permutation),
-else a fresh initialisation from `config.seed`.
+The batches are a grain pipeline over steps (`train_batches`: each epoch's
+`epoch_plan`), the loop is `train.fit`. Resume order: the latest checkpoint
+in `<workdir>/checkpoints` (the data order resumes at the step it was
+saved), else a fresh initialisation from `config.seed`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -45,19 +45,19 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from taiji_jax import config_checks as checks
 from taiji_jax import sharding
+from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.text import vocab as vocab_lib
 from taiji_jax.train import build_sids
 from taiji_jax.train import checkpointing
-from taiji_jax.train import loop
+from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.train import optimizer
 from taiji_jax.train import sft_data
 from taiji_jax.train import sft_eval
 from taiji_jax.train import train_state
@@ -190,13 +190,13 @@ def num_batches(rows: dict[str, np.ndarray], batch_size: int, pad_id: int,
   return int(np.sum(-(-counts // batch_size)))
 
 
-def epoch_batches(rows: dict[str, np.ndarray],
-                  batch_size: int,
-                  seed: int,
-                  epoch: int,
-                  pad_id: int = 0,
-                  bucket: int = 0):
-  """Shuffled, length-bucketed batches of one epoch.
+def epoch_plan(rows: dict[str, np.ndarray],
+               batch_size: int,
+               seed: int,
+               epoch: int,
+               pad_id: int = 0,
+               bucket: int = 0) -> list[tuple[int, np.ndarray]]:
+  """The batches of one epoch, in order: (width, row indices) each.
 
   With `bucket` > 0 each row goes into the bucket of its real length
   rounded up to a multiple of `bucket` (at most the row length), batches are
@@ -204,15 +204,13 @@ def epoch_batches(rows: dict[str, np.ndarray],
   left-padded), and the batch order is shuffled: short rows (alignment
   rows, users' first windows) no longer pay for the longest row, at the cost
   of one compiled shape per bucket. `bucket` 0 gives fixed-length batches.
-  Arrays of `rows` shaped (R, T) like the tokens are cut; others (e.g. a
-  per-row tag) are only indexed.
 
   The permutations depend only on (seed, epoch), so a resumed run sees the
   same data order; a bucket's last batch is filled up with that bucket's
   first rows of the permutation (a few rows are seen twice per epoch, never
   a new shape).
   """
-  n, length = rows["tokens"].shape
+  n = len(rows["tokens"])
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(n)
   widths = bucket_widths(rows["tokens"], pad_id, bucket)
@@ -222,12 +220,42 @@ def epoch_batches(rows: dict[str, np.ndarray],
     steps = -(-len(idx) // batch_size)
     idx = np.resize(idx, steps * batch_size).reshape(steps, batch_size)
     batches += [(int(width), i) for i in idx]
-  for b in rng.permutation(len(batches)):
-    width, idx = batches[b]
-    yield {
-        k: v[idx][:, length - width:] if v.shape[1:] == (length,) else v[idx]
-        for k, v in rows.items()
-    }
+  return [batches[b] for b in rng.permutation(len(batches))]
+
+
+def take_rows(rows: dict[str, np.ndarray], width: int, idx: np.ndarray
+             ) -> dict[str, np.ndarray]:
+  """The batch of row indices `idx` cut to `width` from the left; arrays of
+  `rows` shaped (R, T) like the tokens are cut, others (e.g. a per-row tag)
+  only indexed."""
+  length = rows["tokens"].shape[1]
+  return {
+      k: v[idx][:, length - width:] if v.shape[1:] == (length,) else v[idx]
+      for k, v in rows.items()
+  }
+
+
+def epoch_batches(rows: dict[str, np.ndarray],
+                  batch_size: int,
+                  seed: int,
+                  epoch: int,
+                  pad_id: int = 0,
+                  bucket: int = 0):
+  """Yields the batches of `epoch_plan` (one epoch, all rows)."""
+  for width, idx in epoch_plan(rows, batch_size, seed, epoch, pad_id, bucket):
+    yield take_rows(rows, width, idx)
+
+
+def train_batches(rows: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                  pad_id: int, process_rows: slice = slice(None)):
+  """The run's batches as a grain MapDataset over steps
+  (`pipeline.step_batches` of `epoch_plan`), this process's rows of each."""
+  b, bucket = int(config.train.batch_size), int(config.train.length_bucket)
+  per_epoch = num_batches(rows, b, pad_id, bucket)
+  return pipeline.step_batches(
+      per_epoch * int(config.train.num_epochs), per_epoch,
+      lambda epoch: epoch_plan(rows, b, config.seed, epoch, pad_id, bucket),
+      lambda plan: take_rows(rows, plan[0], plan[1][process_rows]))
 
 
 def model_config(config: ml_collections.ConfigDict,
@@ -345,7 +373,7 @@ def build(config: ml_collections.ConfigDict,
   only.
   """
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  tx = sasrec_trainer.make_optimizer(config, total_steps)
+  tx = optimizer.from_config(config, total_steps)
   pad_id = vocab.pad_id
   graphdef, init_state = state_init_fn(model_cfg, tx, config.seed)
   state, state_shardings = train_state.init_sharded(init_state, mesh, rules)
@@ -589,17 +617,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info("decoder %s: %d parameters", model_cfg,
                decoder_lib.count_params(model_cfg))
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-
-  state, best_params, meta, resumed = checkpointing.resume_training(
+  state, best_params, meta, resumed = fit.resume(
       ckpt, setup.state, setup.copy_params(setup.state["params"]),
-      setup.state_shardings)
+      setup.state_shardings, fit.initial_meta())
   if not resumed and config.init_from:
     state["params"] = restore_best_params(config.init_from, setup, config)
     best_params = setup.copy_params(state["params"])
     logging.info("initialised from the best parameters of %s",
                  config.init_from)
-  step = int(state["step"])
-  writer = metric_writer.MetricWriter(workdir, resume_step=step)
+  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
   eval_parts = {
       part:
           eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id,
@@ -613,48 +639,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return full_ranking.evaluate(step, params, eval_parts[part],
                                  config.eval.batch_size, put_eval)
 
-  progress = tqdm.trange(
-      meta["epoch"],
-      config.train.num_epochs,
-      initial=meta["epoch"],
-      total=config.train.num_epochs,
-      desc=f"sft {dataset.name}",
-      unit="epoch",
-      disable=meta["done"] or not config.progress_bar)
+  batches = iter(
+      train_batches(rows, config, vocab.pad_id,
+                    sharding.process_rows(mesh, batch_size,
+                                          rules)).to_iter_dataset())
   with sharding.use_mesh(mesh, rules):
-    for epoch in progress:
-      if meta["done"]:
-        break
-      t0 = time.perf_counter()
-      losses = []
-      for batch in epoch_batches(rows, batch_size, config.seed, epoch,
-                                 vocab.pad_id, config.train.length_bucket):
-        loop.maybe_inject_fault(step)
-        state, step_metrics = setup.train_step(state, setup.put_batch(batch))
-        losses.append(step_metrics["loss"])
-        step += 1
-      record, improved, save = loop.finish_epoch(
-          config, meta, epoch, step, losses, t0,
-          lambda: evaluate(state["params"], "valid"))
-      if improved:
-        best_params = setup.copy_params(state["params"])
-        # The best parameters' valid metrics, so they are not recomputed.
-        meta["best_valid"] = {
-            k[len("valid/"):]: v
-            for k, v in record.items()
-            if k.startswith("valid/") and k != "valid/seconds"
-        }
-      writer.write(step, record)
-      progress.set_postfix(
-          loss=f"{record['train/loss']:.3f}", best=f"{meta['best']:.4f}")
-      if save:
-        ckpt.save(step, {"state": state, "best_params": best_params}, meta)
-    progress.close()
+    out, epochs = fit.fit_epochs(
+        config, f"sft {dataset.name}", steps_per_epoch, state, best_params,
+        meta, batches=batches, checkpoints=ckpt, writer=writer,
+        copy_params=setup.copy_params,
+        evaluate=lambda params: evaluate(params, "valid"),
+        train_step=lambda state, batch, step: setup.train_step(
+            state, setup.put_batch(batch, batch_size)))
+    state, best_params, meta = out.state, out.best_params, out.meta
     results = {
         "valid": meta.get("best_valid") or evaluate(best_params, "valid"),
         "test": evaluate(best_params, "test", final=True),
-        "best_epoch": meta["best_epoch"],
-        "epochs_run": meta["epoch"],
+        **epochs,
         "steps": int(state["step"]),
         "dataset": {
             "name": dataset.name,

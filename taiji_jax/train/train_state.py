@@ -15,6 +15,7 @@ from typing import Any, Callable
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from taiji_jax import sharding
@@ -70,15 +71,27 @@ def apply_gradients(state: dict, grads: Any,
 
 
 def batch_putter(mesh: jax.sharding.Mesh, rules: sharding.Rules):
-  """`put(batch)`: every array of a host batch onto the batch sharding."""
+  """`put(batch, rows=None)`: a host batch onto the batch sharding.
 
-  def put(batch: dict) -> dict:
-    return {
-        k:
-            jax.device_put(v,
-                           sharding.data_sharding(mesh, v.ndim, rules, v.shape))
-        for k, v in batch.items()
-    }
+  With `rows` None the batch is the global one and this process keeps its
+  block (`sharding.process_rows`); with `rows` set the batch is already this
+  process's block of a global batch of `rows` rows (the training pipelines
+  gather only their own rows). Each process contributes its block and
+  `jax.make_array_from_process_local_data` assembles the global array; in a
+  single-process run this is a plain device_put.
+  """
+
+  def put(batch: dict, rows: int | None = None) -> dict:
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      total = len(v) if rows is None else int(rows)
+      global_shape = (total,) + v.shape[1:]
+      spec = sharding.data_sharding(mesh, v.ndim, rules, global_shape)
+      if rows is None:
+        v = v[sharding.process_rows(mesh, total, rules)]
+      out[k] = jax.make_array_from_process_local_data(spec, v, global_shape)
+    return out
 
   return put
 
