@@ -14,9 +14,9 @@ import json
 import pathlib
 
 from taiji_jax import config_lib
-from taiji_jax.cot import ablation
 from taiji_jax.cot import teachers
 from taiji_jax.data import load_dataset
+from taiji_jax.studies import cot_ablation
 
 SMOKE = True
 ROOT = pathlib.Path.cwd()
@@ -54,7 +54,7 @@ config = config_lib.load_config_file(
 if SMOKE:
   config = config_lib.with_overrides(
       config, **{"sft.sids_workdir": str(ROOT / "runs" / "smoke" / "sids")})
-results = ablation.run(config, WORKDIR)  # prints the table
+results = cot_ablation.run(config, WORKDIR)  # prints the table
 
 # %%
 for seed, stats in results["orft"].items():

@@ -15,8 +15,8 @@ import pathlib
 from IPython import display
 
 from taiji_jax import config_lib
-from taiji_jax.rl import pareto
-from taiji_jax.rl import trainer
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.studies import pareto
 
 SMOKE = True
 ROOT = pathlib.Path.cwd()
@@ -62,7 +62,7 @@ display.display(display.Image(str(WORKDIR / "weights.png")))
 
 # %%
 for name in ("popo", "mgda"):
-  records = trainer.read_metrics(WORKDIR / "seed_0" / name)
+  records = rl_stage.read_metrics(WORKDIR / "seed_0" / name)
   first, last = records[0], records[-1]
   print(name, {k: (round(first[k], 4), round(last[k], 4))
                for k in first

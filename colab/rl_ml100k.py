@@ -14,8 +14,8 @@ import pathlib
 import matplotlib.pyplot as plt
 
 from taiji_jax import config_lib
-from taiji_jax.rl import experiment
-from taiji_jax.rl import trainer
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.studies import rl_table
 
 SMOKE = True
 OBJECTIVE = "grpo"  # or dr_grpo, dapo, ecpo, gbpo, dpo, rspo
@@ -40,14 +40,14 @@ config = config_lib.with_overrides(
         "sft.sids_workdir": str(root / "sids"),
         "rl.sasrec_workdir": str(root / "sasrec"),
     })
-summary = experiment.run(config, WORKDIR)  # prints the table
+summary = rl_table.run(config, WORKDIR)  # prints the table
 
 # %% [markdown]
 # ## Training curves of seed 0
 # The two rewards of the sampled answers, and the KL to the SFT reference.
 
 # %%
-records = [r for r in trainer.read_metrics(WORKDIR / "seed_0" / "rl")
+records = [r for r in rl_stage.read_metrics(WORKDIR / "seed_0" / "rl")
            if r["step"] > 0]
 steps = [r["step"] for r in records]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -17,7 +17,8 @@ import numpy as np
 
 from taiji_jax import config_lib
 from taiji_jax.quantize import SemanticIds
-from taiji_jax.train import build_sids
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sids as sids_stage
 
 ROOT = pathlib.Path.cwd()
 if not (ROOT / "configs").exists():  # run from colab/
@@ -30,7 +31,7 @@ WORKDIR = ROOT / "runs" / ("colab_sids_content"
 # %%
 config = config_lib.load_config_file(ROOT / "configs" / "ml100k_sids.py",
                                      "content_only" if content_only else None)
-results = build_sids.run(config, WORKDIR)  # prints the side-by-side report
+results = sids_stage.run(config, WORKDIR)  # prints the side-by-side report
 
 # %% [markdown]
 # ## Using the SIDs
@@ -38,7 +39,7 @@ results = build_sids.run(config, WORKDIR)  # prints the side-by-side report
 # maps go both ways and the trie says which tokens may follow a prefix.
 
 # %%
-dataset = build_sids.load_dataset(config)
+dataset = artifacts.dataset(config)
 sids = SemanticIds.load(WORKDIR, dataset.item_raw_ids)
 item = 1
 sid = sids.item_to_sid(item)

@@ -12,7 +12,7 @@ candidate rationales each, in `[prompt] <think> z </think> <answer> SID
 </answer>` form with the loss on both parts — z empty (no CoT), from the
 direct teacher (target not shown), from the RUPR teacher (target shown),
 and RUPR kept by ORFT (answer perplexity below its median) — all evaluated
-by the same think-then-recommend decoding. `taiji_jax/cot/ablation.py`
+by the same think-then-recommend decoding. `taiji_jax/studies/cot_ablation.py`
 describes the workdir; the README has the measured table and its runtime.
 
 Variants: `:smoke` (synthetic data, tiny decoder, one seed, a few

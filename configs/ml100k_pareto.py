@@ -9,7 +9,7 @@ SFT (configs/ml100k_sft.py with that seed), then from it one GRPO run per
 variant (configs/ml100k_rl.py with that seed; rewards semantic and
 preference): fixed weights w_sem in `fixed_semantic_weights` (w_pref =
 1 - w_sem), and the adaptive rules in `adaptive`, which start at 0.5 / 0.5
-and whose settings are in `rules`. Reports (taiji_jax/rl/pareto.py): test
+and whose settings are in `rules`. Reports (taiji_jax/studies/pareto.py): test
 metrics of the final parameters, the (semantic@1, preference@1) plot with
 the fixed-weight front, hypervolumes against `reference`, and the weight
 trajectories. Measured numbers and times: README "Pareto front".

@@ -97,7 +97,7 @@ def get_config(arg=None):
   c.eval.batch_size = 128
   c.eval.every_epochs = 2
   c.eval.early_stop_metric = "ndcg@10"
-  # Think-then-recommend (train/sft_eval.py): a rationale of at most
+  # Think-then-recommend (sidlm/evaluation.py): a rationale of at most
   # max_think tokens (greedy at temperature 0, else num_traces sampled
   # traces with their beams merged), then the SID beam after <answer>;
   # format_check adds the unconstrained format-compliance rate.

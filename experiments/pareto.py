@@ -6,7 +6,7 @@ configs/ml100k_pareto.py.
 """
 
 from taiji_jax import launch
-from taiji_jax.rl import pareto
+from taiji_jax.studies import pareto
 
 if __name__ == "__main__":
   launch.entry_point(pareto.run, "configs/ml100k_pareto.py",

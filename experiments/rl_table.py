@@ -5,8 +5,8 @@ r"""RL vs SFT over seeds; see configs/ml100k_rl_table.py.
 """
 
 from taiji_jax import launch
-from taiji_jax.rl import experiment
+from taiji_jax.studies import rl_table
 
 if __name__ == "__main__":
-  launch.entry_point(experiment.run, "configs/ml100k_rl_table.py",
+  launch.entry_point(rl_table.run, "configs/ml100k_rl_table.py",
                      "RL-vs-SFT table config.")

@@ -9,8 +9,8 @@ the same command resumes from the workdir's latest checkpoint.
 """
 
 from taiji_jax import launch
-from taiji_jax.rl import trainer
+from taiji_jax.stages import rl as rl_stage
 
 if __name__ == "__main__":
-  launch.entry_point(trainer.train_and_evaluate, "configs/ml100k_rl.py",
+  launch.entry_point(rl_stage.train_and_evaluate, "configs/ml100k_rl.py",
                      "RL config.")

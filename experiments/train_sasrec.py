@@ -7,8 +7,8 @@ Re-running the same command resumes from the workdir's latest checkpoint.
 """
 
 from taiji_jax import launch
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.stages import sasrec as sasrec_stage
 
 if __name__ == "__main__":
-  launch.entry_point(sasrec_trainer.train_and_evaluate,
+  launch.entry_point(sasrec_stage.train_and_evaluate,
                      "configs/ml100k_sasrec.py", "SASRec config.")

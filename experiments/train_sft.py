@@ -8,8 +8,8 @@ Re-running the same command resumes from the workdir's latest checkpoint.
 """
 
 from taiji_jax import launch
-from taiji_jax.train import sft
+from taiji_jax.stages import sft as sft_stage
 
 if __name__ == "__main__":
-  launch.entry_point(sft.train_and_evaluate, "configs/ml100k_sft.py",
+  launch.entry_point(sft_stage.train_and_evaluate, "configs/ml100k_sft.py",
                      "SFT config.")

@@ -33,8 +33,8 @@ import numpy as np
 
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.sidlm import task
 from taiji_jax.text import vocab as vocab_lib
-from taiji_jax.train import sft
 
 # <pad> <bos> <eos> <unk> <think> </think> <answer> </answer>.
 NUM_SPECIALS = len(vocab_lib.SPECIAL_TOKENS)
@@ -148,7 +148,7 @@ def sft_decoder(
     vocab_size: vocabulary size; with `preset`, None keeps the preset's.
     preset: a `DecoderConfig` preset (e.g. "llama_1b") replacing the
       config's model (its preset and overrides); None: the config's model,
-      `sft.model_config(config, vocab_size)`.
+      `task.model_config(config, vocab_size)`.
     overrides: `DecoderConfig` fields set last.
 
   Returns:
@@ -161,7 +161,7 @@ def sft_decoder(
     return getattr(decoder_lib.DecoderConfig, preset)(**overrides)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.overrides = {**config.model.overrides.to_dict(), **overrides}
-  return sft.model_config(config, vocab_size)
+  return task.model_config(config, vocab_size)
 
 
 class SftBench(NamedTuple):

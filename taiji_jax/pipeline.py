@@ -22,11 +22,12 @@ import ml_collections
 from taiji_jax import config_checks as checks
 from taiji_jax.evaluate import baselines
 from taiji_jax.evaluate import full_ranking
-from taiji_jax.rl import trainer as rl_trainer
-from taiji_jax.train import build_sids
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.stages import sasrec as sasrec_stage
+from taiji_jax.stages import sft as sft_stage
+from taiji_jax.stages import sids as sids_stage
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sasrec_trainer
-from taiji_jax.train import sft
 from taiji_jax.train import workdir as workdir_lib
 
 
@@ -34,7 +35,7 @@ def run_popularity(config: ml_collections.ConfigDict,
                    workdir: os.PathLike | str) -> dict[str, Any]:
   """MostPop: the most-interacted unseen items, same split and metrics."""
   workdir_lib.write_or_check_config(workdir, config)
-  dataset, split = sasrec_trainer.load_data(config)
+  dataset, split = artifacts.split(config, config.max_len)
   scores = baselines.popularity_scores(split["train"]["sequences"],
                                        dataset.num_items)
   step = jax.jit(
@@ -55,12 +56,12 @@ def run_popularity(config: ml_collections.ConfigDict,
 # Stage name -> (function(config, workdir), config section it reads, the
 # section's settings check).
 STAGES: dict[str, tuple[Callable, str, Callable]] = {
-    "popularity": (run_popularity, "sasrec", sasrec_trainer.check_settings),
-    "sasrec": (sasrec_trainer.train_and_evaluate, "sasrec",
-               sasrec_trainer.check_settings),
-    "sids": (build_sids.run, "sids", build_sids.check_settings),
-    "sft": (sft.train_and_evaluate, "sft", sft.check_settings),
-    "rl": (rl_trainer.train_and_evaluate, "rl", rl_trainer.check_settings),
+    "popularity": (run_popularity, "sasrec", sasrec_stage.check_settings),
+    "sasrec": (sasrec_stage.train_and_evaluate, "sasrec",
+               sasrec_stage.check_settings),
+    "sids": (sids_stage.run, "sids", sids_stage.check_settings),
+    "sft": (sft_stage.train_and_evaluate, "sft", sft_stage.check_settings),
+    "rl": (rl_stage.train_and_evaluate, "rl", rl_stage.check_settings),
 }
 
 

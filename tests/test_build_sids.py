@@ -8,8 +8,9 @@ import pytest
 
 from taiji_jax import config_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
-from taiji_jax.train import build_sids
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sasrec as sasrec_stage
+from taiji_jax.stages import sids as sids_stage
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,7 +27,7 @@ def sasrec_dir(tmp_path_factory):
   config.unlock()
   config.progress_bar = False
   config.train.num_epochs = 2
-  sasrec_trainer.train_and_evaluate(config.lock(), workdir)
+  sasrec_stage.train_and_evaluate(config.lock(), workdir)
   return workdir
 
 
@@ -35,8 +36,8 @@ def test_stage_builds_unique_sids_for_both_quantizers_and_reuses_them(
     sasrec_dir):
   workdir = sasrec_dir.parent / "sids"
   config = _smoke()
-  results = build_sids.run(config, workdir)
-  dataset = build_sids.load_dataset(config)
+  results = sids_stage.run(config, workdir)
+  dataset = artifacts.dataset(config)
   assert results["default"] == "rq_vae"
   for name in ("rq_kmeans", "rq_vae"):
     sids = sid_lib.SemanticIds.load(workdir / name, dataset.item_raw_ids)
@@ -56,7 +57,7 @@ def test_stage_builds_unique_sids_for_both_quantizers_and_reuses_them(
   assert results["representation"]["dim"] == 384 + 16
   # A re-run reuses the SIDs instead of rebuilding them.
   stamp = (workdir / "rq_vae" / sid_lib.FILE_NAME).stat().st_mtime_ns
-  again = build_sids.run(config, workdir)
+  again = sids_stage.run(config, workdir)
   assert again["reports"] == results["reports"]
   assert (workdir / "rq_vae" / sid_lib.FILE_NAME).stat().st_mtime_ns == stamp
 
@@ -66,14 +67,14 @@ def test_stage_refuses_a_changed_config_and_missing_sasrec(
     sasrec_dir, tmp_path):
   workdir = sasrec_dir.parent / "sids_hash"
   only_kmeans = {"quantizers": ("rq_kmeans",), "default": "rq_kmeans"}
-  build_sids.run(
+  sids_stage.run(
       _smoke(**{
           "collisions.method": "hash",
           **only_kmeans
       }), workdir)
   with pytest.raises(ValueError, match="differs in.*collisions.method"):
-    build_sids.run(_smoke(**only_kmeans), workdir)
+    sids_stage.run(_smoke(**only_kmeans), workdir)
   with pytest.raises(FileNotFoundError, match="First run the sasrec stage"):
-    build_sids.run(_smoke(**only_kmeans), tmp_path / "sids")
+    sids_stage.run(_smoke(**only_kmeans), tmp_path / "sids")
   with pytest.raises(ValueError, match="include sids.default='rq_vae'"):
-    build_sids.run(_smoke(quantizers=("rq_kmeans",)), tmp_path / "other")
+    sids_stage.run(_smoke(quantizers=("rq_kmeans",)), tmp_path / "other")

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from taiji_jax import config_lib
-from taiji_jax.cot import ablation
 from taiji_jax.cot import orft
+from taiji_jax.stages import sids as sids_stage
+from taiji_jax.studies import cot_ablation
 from taiji_jax.testing import runs
-from taiji_jax.train import build_sids
 
 pytestmark = pytest.mark.slow  # end-to-end subprocess runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ENTRY = ROOT / "experiments" / "cot_ablation.py"
-SUBRUNS = ("base",) + ablation.VARIANTS
+SUBRUNS = ("base",) + cot_ablation.VARIANTS
 _KILL_AT = 15  # mid second epoch of the base run (after its first checkpoint)
 
 
@@ -41,7 +41,7 @@ def two_runs(tmp_path_factory):
           "quantizers": ("rq_kmeans",),
           "default": "rq_kmeans",
       })
-  build_sids.run(sids_config, tmp / "sids")
+  sids_stage.run(sids_config, tmp / "sids")
   straight, killed = tmp / "straight", tmp / "killed"
   runs.run_beside_a_crash(
       _command(straight, tmp / "sids"),
@@ -99,7 +99,7 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
   assert (straight / "seed_0" / "orft" / orft.HISTOGRAM_FILE).is_file()
   kept = [
       json.loads(line) for line in (straight / "seed_0" / "orft" /
-                                    ablation.ACCEPTED_FILE).read_text().splitlines()
+                                    cot_ablation.ACCEPTED_FILE).read_text().splitlines()
   ]
   assert [r["ppl"] for r in kept] == ppl[accepted].tolist()
   texts = json.loads(
@@ -123,9 +123,9 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
       assert plain["ndcg@10"] > 0.5 * seed["base"]["test"]["ndcg@10"]
       assert 0.0 <= test["format/compliant"] <= test["format/think_open"] <= 1
       assert 0.0 <= test["think/length"] <= config.cot.max_think
-  for sub in ablation.VARIANTS:
+  for sub in cot_ablation.VARIANTS:
     samples = json.loads(
-        (straight / "seed_0" / sub / ablation.SAMPLES_FILE).read_text())
+        (straight / "seed_0" / sub / cot_ablation.SAMPLES_FILE).read_text())
     assert len(samples) == 8
     for sample in samples:
       assert len(sample["top5"]) == 5 and sample["target"]
@@ -141,11 +141,11 @@ def test_fine_tune_refuses_a_base_with_another_model(two_runs, tmp_path):
   sids = json.loads((straight / "config.json").read_text())["sft"][
       "sids_workdir"]
   tune = config_lib.with_overrides(
-      ablation.fine_tune_config(config, 0, straight / "seed_0" / "base"), **{
+      cot_ablation.fine_tune_config(config, 0, straight / "seed_0" / "base"), **{
           "sids_workdir": sids,
           "model.overrides.dropout_rate": 0.0,
           "progress_bar": False,
       })
-  from taiji_jax.train import sft  # pylint: disable=g-import-not-at-top
+  from taiji_jax.stages import sft as sft_stage  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="'model' differs"):
-    sft.train_and_evaluate(tune, tmp_path / "tune")
+    sft_stage.train_and_evaluate(tune, tmp_path / "tune")

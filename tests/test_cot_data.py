@@ -10,9 +10,9 @@ from taiji_jax.cot import orft
 from taiji_jax.cot import teachers
 from taiji_jax.data import load_dataset
 from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.testing import sids as testing_sids
 from taiji_jax.text import vocab as vocab_lib
-from taiji_jax.train import sft_data
 
 SIZES = (8, 8, 6)
 MAX_LEN = 6
@@ -72,8 +72,8 @@ def test_reasoning_rows_put_the_loss_on_think_and_answer(setup):
   ex = cot_data.next_item_examples(split, 2, MAX_LEN)
   item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, 24)
-  prompts = sft_data.prompt_rows(ex["histories"], ex["users"], item_tokens,
+  prefixes = sid_rows.user_prefixes(dataset, vocab, users, 24)
+  prompts = sid_rows.prompt_rows(ex["histories"], ex["users"], item_tokens,
                                  prefixes, MAX_LEN, 24, vocab.pad_id)
   ids = [0, 0, 3]
   texts = ["They like tags.", "", "Most recently they chose it."]

@@ -1,6 +1,7 @@
-"""The package's import directions: models never import text (the loaders
-share `models.checkpoint_io`), and no module reaches into another package's
-protected names."""
+"""The package's import directions: a stage never imports another stage
+(only `stages.artifacts`), the library never imports a stage or a study,
+models never import text (the loaders share `models.checkpoint_io`), and no
+module reaches into another package's protected names."""
 
 import ast
 import pathlib
@@ -26,6 +27,47 @@ def test_models_do_not_import_text(path):
   for module, names in _imports(path):
     assert not module.startswith("taiji_jax.text"), (path.name, module)
     assert not (module == "taiji_jax" and "text" in names), path.name
+
+
+def _taiji_modules(path):
+  """The taiji_jax modules `path` imports, as dotted names."""
+  for module, names in _imports(path):
+    if module == "taiji_jax" or module.startswith("taiji_jax."):
+      yield from (f"{module}.{n}" for n in names) if names else [module]
+
+
+STAGES = sorted(p.stem for p in (PACKAGE / "stages").glob("*.py")
+                if p.stem not in ("__init__", "artifacts"))
+
+
+def test_there_is_a_runner_per_stage():
+  assert STAGES == ["rl", "sasrec", "sft", "sids"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_never_imports_another_stage(stage):
+  path = PACKAGE / "stages" / f"{stage}.py"
+  others = {f"taiji_jax.stages.{s}" for s in STAGES if s != stage}
+  bad = [m for m in _taiji_modules(path) if m in others or m == "taiji_jax.stages"]
+  assert not bad, (stage, bad)
+  # The one way in: artifacts.py, which imports no stage itself.
+  assert not [m for m in _taiji_modules(PACKAGE / "stages" / "artifacts.py")
+              if m.startswith("taiji_jax.stages.") or
+              m.startswith("taiji_jax.studies")]
+
+
+LIBRARY = ("data", "evaluate", "generate", "models", "quantize", "text", "rl",
+           "cot", "sidlm", "train")
+
+
+@pytest.mark.parametrize("package", LIBRARY)
+def test_the_library_never_imports_a_stage_or_a_study(package):
+  bad = [(p.relative_to(PACKAGE).as_posix(), m)
+         for p in sorted((PACKAGE / package).rglob("*.py"))
+         for m in _taiji_modules(p)
+         if m.startswith(("taiji_jax.stages", "taiji_jax.studies",
+                          "taiji_jax.pipeline"))]
+  assert not bad, bad
 
 
 def test_no_protected_access_across_modules():

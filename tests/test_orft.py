@@ -78,7 +78,7 @@ def test_rows_are_left_padded_with_the_mask_on_the_sid_only():
   assert with_end["tokens"].shape == (3, 40)
   assert np.all(
       with_end["tokens"][with_end["answer_mask"]].reshape(3, 4)[:, 3] == 7)
-  # A left-padded prompt array (sft_data.prompt_rows) gives the same rows.
+  # A left-padded prompt array (sid_rows.prompt_rows) gives the same rows.
   padded = np.zeros((3, 12), np.int32)
   for j, p in enumerate(prompts):
     padded[j, 12 - len(p):] = p

@@ -12,9 +12,9 @@ from taiji_jax import config_checks as checks
 from taiji_jax import config_lib
 from taiji_jax import pipeline
 from taiji_jax.evaluate import baselines
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sft as sft_stage
 from taiji_jax.testing import runs
-from taiji_jax.train import sasrec_trainer
-from taiji_jax.train import sft
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ml100k.py"
 
@@ -30,7 +30,7 @@ def test_popularity_stage_matches_a_direct_computation(tmp_path):
   results = pipeline.run_popularity(config.sasrec, tmp_path)
   assert json.loads((tmp_path / "results.json").read_text()) == results
   # Recompute recall@10 by hand: most popular unseen items per user.
-  dataset, split = sasrec_trainer.load_data(config.sasrec)
+  dataset, split = artifacts.split(config.sasrec, config.sasrec.max_len)
   counts = baselines.popularity_scores(split["train"]["sequences"],
                                        dataset.num_items)
   test = split["test"]
@@ -149,5 +149,5 @@ def test_a_stage_made_from_another_dataset_is_refused(tmp_path):
   (sids / "config.json").write_text(theirs.to_json_best_effort())
   with pytest.raises(checks.ConfigError,
                      match="dataset is .*synthetic.* but .*ml-1m.* sids run"):
-    sft.train_and_evaluate(config.sft, tmp_path / "sft")
+    sft_stage.train_and_evaluate(config.sft, tmp_path / "sft")
   assert not (tmp_path / "sft" / "config.json").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from taiji_jax import config_lib
-from taiji_jax.rl import pareto
+from taiji_jax.studies import pareto
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
     "ml100k_pareto.py")

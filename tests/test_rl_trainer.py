@@ -18,11 +18,12 @@ import pytest
 from taiji_jax import config_lib
 from taiji_jax.models import decoder
 from taiji_jax.rl import rewards as rewards_lib
-from taiji_jax.rl import trainer
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.stages import sasrec as sasrec_stage
+from taiji_jax.stages import sft as sft_stage
+from taiji_jax.stages import sids as sids_stage
 from taiji_jax.testing import runs
-from taiji_jax.train import build_sids
-from taiji_jax.train import sasrec_trainer
-from taiji_jax.train import sft
 from taiji_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,16 +40,16 @@ def _config(name, arg="smoke", **overrides):
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
   root = tmp_path_factory.mktemp("rl_pipeline")
-  build_sids.run(
+  sids_stage.run(
       _config(
           "ml100k_sids.py", **{
               "representation.weights.collaborative": 0.0,
               "quantizers": ("rq_kmeans",),
               "default": "rq_kmeans",
           }), root / "sids")
-  sasrec_trainer.train_and_evaluate(
+  sasrec_stage.train_and_evaluate(
       _config("ml100k_sasrec.py", **{"train.num_epochs": 3}), root / "sasrec")
-  sft.train_and_evaluate(
+  sft_stage.train_and_evaluate(
       _config("ml100k_sft.py", **{"train.num_epochs": 2}), root / "sft")
   return root
 
@@ -142,10 +143,10 @@ def _nan_config(stages, **overrides):
 def test_nan_rewards_are_masked_or_stop_the_run_by_name(
     stages, tmp_path, half_nan_reward):
   with pytest.raises(FloatingPointError, match=f"{half_nan_reward}.*0.5"):
-    trainer.train_and_evaluate(_nan_config(stages), tmp_path / "strict")
-  results = trainer.train_and_evaluate(
+    rl_stage.train_and_evaluate(_nan_config(stages), tmp_path / "strict")
+  results = rl_stage.train_and_evaluate(
       _nan_config(stages, max_nonfinite_frac=0.6), tmp_path / "tolerant")
-  records = trainer.read_metrics(tmp_path / "tolerant")
+  records = rl_stage.read_metrics(tmp_path / "tolerant")
   assert [r["step"] for r in records] == [1, 2]
   for r in records:
     assert r["reward/nonfinite_rows"] == pytest.approx(0.5)
@@ -158,12 +159,12 @@ def test_nan_rewards_are_masked_or_stop_the_run_by_name(
 
 def test_bad_settings_are_named(stages, tmp_path):
   with pytest.raises(ValueError, match="objective='ppo': must be one of"):
-    trainer.train_and_evaluate(
+    rl_stage.train_and_evaluate(
         _config("ml100k_rl.py", objective="ppo",
                 sft_workdir=str(stages / "sft")), tmp_path / "a")
   assert not (tmp_path / "a").exists()  # refused before anything is written
   with pytest.raises(ValueError, match="weights for \\['ctr'\\]"):
-    trainer.train_and_evaluate(
+    rl_stage.train_and_evaluate(
         _config(
             "ml100k_rl.py",
             sft_workdir=str(stages / "sft"),
@@ -172,7 +173,7 @@ def test_bad_settings_are_named(stages, tmp_path):
                 "ctr": 1.0
             }), tmp_path / "b")
   with pytest.raises(FileNotFoundError, match="not the workdir of a run"):
-    trainer.train_and_evaluate(
+    rl_stage.train_and_evaluate(
         _config("ml100k_rl.py", sft_workdir=str(tmp_path / "none")),
         tmp_path / "c")
 
@@ -195,8 +196,8 @@ def test_reasoning_rollouts_with_dynamic_sampling_and_the_hit_beam(
           "train.num_steps": 2,
           "eval.every_steps": 0,
       })
-  results = trainer.train_and_evaluate(config, tmp_path / "rl")
-  records = trainer.read_metrics(tmp_path / "rl")
+  results = rl_stage.train_and_evaluate(config, tmp_path / "rl")
+  records = rl_stage.read_metrics(tmp_path / "rl")
   assert [r["step"] for r in records] == [1, 2]
   for r in records:
     assert 0.0 <= r["think/closed"] <= 1.0
@@ -210,8 +211,9 @@ def test_reasoning_rollouts_with_dynamic_sampling_and_the_hit_beam(
 
 
 def test_training_prompts_end_before_each_users_last_training_item(stages):
-  from taiji_jax.rl import data as rl_data  # pylint: disable=g-import-not-at-top
-  sft_config, data = sft.load_data(stages / "sft")
+  from taiji_jax.rl import \
+      data as rl_data  # pylint: disable=g-import-not-at-top
+  sft_config, data = artifacts.sft_run(stages / "sft")
   config = _config("ml100k_rl.py")
   p = rl_data.training_prompts(config, sft_config, data, pref_len=7)
   train = data.split["train"]
@@ -242,8 +244,9 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
   """`configs/ml100k_pareto.py:smoke` end to end from one SFT run: two fixed
   weights and the three adaptive rules; the gradient rules log their
   gradient statistics, the weights they used, and stay on the simplex."""
-  from taiji_jax.rl import pareto  # pylint: disable=g-import-not-at-top
-  from taiji_jax.testing import gguf as gguf_testing  # pylint: disable=g-import-not-at-top
+  from taiji_jax.studies import pareto  # pylint: disable=g-import-not-at-top
+  from taiji_jax.testing import \
+      gguf as gguf_testing  # pylint: disable=g-import-not-at-top
   lm_cfg = decoder.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
   judge_lm = tmp_path / "judge_lm.gguf"
   gguf_testing.write_gguf(judge_lm, lm_cfg,
@@ -270,7 +273,7 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
     for a, b in zip(w["semantic"], w["preference"]):
       assert a + b == pytest.approx(1.0, abs=1e-5) and 0 <= a <= 1
   assert runs_0["fixed_0.00"]["weights"]["semantic"] == [0.0, 0.0]
-  records = trainer.read_metrics(tmp_path / "seed_0" / "mgda")
+  records = rl_stage.read_metrics(tmp_path / "seed_0" / "mgda")
   for r in records:
     assert r["grads/norm/semantic"] > 0 and r["grads/norm/preference"] > 0
     assert -1.0 <= r["grads/cos/semantic|preference"] <= 1.0
@@ -280,11 +283,11 @@ def test_pareto_experiment_smoke_writes_table_plots_and_weights(
     assert sum(r[f"weights/{n}"] * r[f"grads/alignment/{n}"]
                for n in names) == pytest.approx(1.0, rel=1e-3)
     assert all(f"grads/popo_I/{n}" in r for n in names)
-  for r in trainer.read_metrics(tmp_path / "seed_0" / "popo"):
+  for r in rl_stage.read_metrics(tmp_path / "seed_0" / "popo"):
     # min_weight floors the applied weights; the state is logged beside.
     assert min(r["weights/semantic"], r["weights/preference"]) >= 0.05 - 1e-6
     assert "weights_state/semantic" in r
-  assert "grads/norm/semantic" not in trainer.read_metrics(
+  assert "grads/norm/semantic" not in rl_stage.read_metrics(
       tmp_path / "seed_0" / "popo_light")[0]
   for name in runs_0:
     for key in ("judge/semantic@1", "judge/preference@1", "label_acc@1"):
@@ -328,13 +331,13 @@ def test_rl_made_from_a_retrained_sft_is_made_again(stages, tmp_path):
   rl_config = _config("ml100k_rl.py", sft_workdir=str(sft_dir),
                       sasrec_workdir=str(stages / "sasrec"),
                       **{"train.num_steps": 2, "eval.every_steps": 0})
-  first = trainer.train_and_evaluate(rl_config, rl_dir)
-  assert trainer.train_and_evaluate(rl_config, rl_dir)["sft"] == first["sft"]
+  first = rl_stage.train_and_evaluate(rl_config, rl_dir)
+  assert rl_stage.train_and_evaluate(rl_config, rl_dir)["sft"] == first["sft"]
   assert not (rl_dir / "stale").exists()  # unchanged input: reused
   shutil.rmtree(sft_dir)
-  new_sft = sft.train_and_evaluate(
+  new_sft = sft_stage.train_and_evaluate(
       _config("ml100k_sft.py", **{"train.num_epochs": 1, "seed": 7}), sft_dir)
-  again = trainer.train_and_evaluate(rl_config, rl_dir)
+  again = rl_stage.train_and_evaluate(rl_config, rl_dir)
   for key in ("recall@10", "ndcg@10", "label_acc@1"):
     assert again["sft"]["test"][key] == pytest.approx(new_sft["test"][key])
   assert again["sft"]["test"] != first["sft"]["test"]
@@ -343,8 +346,8 @@ def test_rl_made_from_a_retrained_sft_is_made_again(stages, tmp_path):
   assert json.loads((aside / "results.json").read_text())["sft"] == first["sft"]
   with pytest.raises(workdir_lib.StaleInputs, match="sft: "):
     shutil.rmtree(sft_dir)
-    sft.train_and_evaluate(
+    sft_stage.train_and_evaluate(
         _config("ml100k_sft.py", **{"train.num_epochs": 1, "seed": 8}),
         sft_dir)
-    trainer.train_and_evaluate(
+    rl_stage.train_and_evaluate(
         config_lib.with_overrides(rl_config, on_stale_inputs="error"), rl_dir)

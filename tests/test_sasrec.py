@@ -10,7 +10,8 @@ import pytest
 
 from taiji_jax import sharding
 from taiji_jax.models import sasrec
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sasrec as sasrec_stage
 
 NUM_ITEMS = 47  # 48 table rows: divisible by a 2-way tensor axis.
 
@@ -154,8 +155,8 @@ def _trainer_config(mesh):
 def _setup(mesh_shape, devices):
   config = _trainer_config(mesh_shape)
   mesh = sharding.make_mesh(mesh_shape, devices)
-  cfg = sasrec_trainer.model_config(config, NUM_ITEMS)
-  return sasrec_trainer.build(config, cfg, total_steps=10, mesh=mesh)
+  cfg = artifacts.sasrec_model_config(config, NUM_ITEMS)
+  return sasrec_stage.build(config, cfg, total_steps=10, mesh=mesh)
 
 
 def _batch(seed=0, b=8):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from taiji_jax.data import load_dataset
+from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.testing import sids as testing_sids
 from taiji_jax.text import vocab as vocab_lib
-from taiji_jax.train import sft_data
 
 SIZES = (8, 8, 6)
 
@@ -32,8 +32,8 @@ def test_every_training_target_appears_once_with_its_history(setup):
   item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
   seqs = split["train"]["sequences"]
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix=40)
-  rows = sft_data.next_item_rows(
+  prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix=40)
+  rows = sid_rows.next_item_rows(
       seqs, users, item_tokens, prefixes, max_items=6, max_prefix=40, pad_id=0)
   assert rows["tokens"].shape[1] == 40 + 7 * 3
   want = sum(max(len(s) - 1, 0) for s in seqs)
@@ -71,8 +71,8 @@ def test_prompts_end_with_the_latest_history_sids(setup):
   dataset, sids, vocab, split = setup
   item_tokens = vocab.item_token_table(sids)
   test = split["test"]
-  prefixes = sft_data.user_prefixes(dataset, vocab, test["users"], 40)
-  prompts = sft_data.prompt_rows(test["histories"], test["users"], item_tokens,
+  prefixes = sid_rows.user_prefixes(dataset, vocab, test["users"], 40)
+  prompts = sid_rows.prompt_rows(test["histories"], test["users"], item_tokens,
                                  prefixes, 5, 40, 0)
   assert prompts.shape == (len(test["users"]), 40 + 15)
   for row, hist in zip(prompts, test["histories"]):
@@ -85,20 +85,20 @@ def test_prompts_end_with_the_latest_history_sids(setup):
 def test_long_profiles_are_cut_keeping_bos_and_the_template_end(setup):
   dataset, _, vocab, _ = setup
   tail = len(vocab.encode(" History:"))
-  full = sft_data.user_prefixes(dataset, vocab, [1], max_prefix=500)[1]
+  full = sid_rows.user_prefixes(dataset, vocab, [1], max_prefix=500)[1]
   assert vocab.decode(full[1:]) == f"User: {dataset.user_text(1)}. History:"
-  ids = sft_data.user_prefixes(dataset, vocab, [1], max_prefix=tail + 4)[1]
+  ids = sid_rows.user_prefixes(dataset, vocab, [1], max_prefix=tail + 4)[1]
   assert len(ids) == tail + 4 and ids[0] == vocab.bos_id
   assert ids[1:4] == full[1:4]
   assert vocab.decode(ids[1:]).endswith(" History:")
   with pytest.raises(ValueError, match="cannot hold <bos>"):
-    sft_data.user_prefixes(dataset, vocab, [1], max_prefix=tail)
+    sid_rows.user_prefixes(dataset, vocab, [1], max_prefix=tail)
 
 
 def test_alignment_rows_have_loss_on_the_answer_only(setup):
   dataset, sids, vocab, _ = setup
   item_tokens = vocab.item_token_table(sids)
-  rows = sft_data.alignment_rows(dataset, vocab, item_tokens, "item_to_sid", 64)
+  rows = sid_rows.alignment_rows(dataset, vocab, item_tokens, "item_to_sid", 64)
   assert len(rows["tokens"]) == dataset.num_items
   for item, (tokens,
              mask) in enumerate(zip(rows["tokens"], rows["loss_mask"]), 1):
@@ -106,12 +106,12 @@ def test_alignment_rows_have_loss_on_the_answer_only(setup):
     assert target[:3].tolist() == item_tokens[item].tolist()
     assert target[3:].tolist() == [vocab.answer_end_id, vocab.eos_id]
     assert tokens[~mask & (tokens != 0)][-1] == vocab.answer_id
-  titles = sft_data.alignment_rows(dataset, vocab, item_tokens, "sid_to_title",
+  titles = sid_rows.alignment_rows(dataset, vocab, item_tokens, "sid_to_title",
                                    64)
   first = titles["tokens"][0][titles["loss_mask"][0]]
   assert vocab.decode(first[:-2]) == " " + dataset.item_features["title"][1]
   with pytest.raises(ValueError, match="unknown alignment task"):
-    sft_data.alignment_rows(dataset, vocab, item_tokens, "x", 64)
+    sid_rows.alignment_rows(dataset, vocab, item_tokens, "x", 64)
 
 
 def test_history_titles_follow_each_sid_and_stay_out_of_the_loss(setup):
@@ -119,11 +119,11 @@ def test_history_titles_follow_each_sid_and_stay_out_of_the_loss(setup):
   item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
   seqs = split["train"]["sequences"]
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix=40)
-  titles = sft_data.item_titles(dataset, vocab, max_tokens=4)
+  prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix=40)
+  titles = sid_rows.item_titles(dataset, vocab, max_tokens=4)
   assert titles[0] == [] and all(0 < len(t) <= 4 for t in titles[1:])
-  plain = sft_data.next_item_rows(seqs, users, item_tokens, prefixes, 6, 40, 0)
-  rows = sft_data.next_item_rows(
+  plain = sid_rows.next_item_rows(seqs, users, item_tokens, prefixes, 6, 40, 0)
+  rows = sid_rows.next_item_rows(
       seqs, users, item_tokens, prefixes, 6, 40, 0, titles=titles, max_title=4)
   assert rows["tokens"].shape[1] == 40 + 7 * (3 + 4)
   assert rows["num_targets"] == plain["num_targets"]
@@ -147,7 +147,7 @@ def test_history_titles_follow_each_sid_and_stay_out_of_the_loss(setup):
     assert sid_tokens == a[a != 0][-len(sid_tokens):].tolist()
     assert (a != 0).sum() - len(sid_tokens) == int(np.argmax(is_sid)) - int(
         np.argmax(b != 0))  # the same prefix before the first SID
-  prompts = sft_data.prompt_rows(
+  prompts = sid_rows.prompt_rows(
       split["test"]["histories"],
       split["test"]["users"],
       item_tokens,
@@ -173,5 +173,5 @@ def test_history_titles_need_a_title_feature(setup):
     num_items = 3
 
   with pytest.raises(ValueError, match="no 'title' item feature.*genres"):
-    sft_data.item_titles(NoTitles(), vocab, 4)
+    sid_rows.item_titles(NoTitles(), vocab, 4)
   assert dataset.item_features["title"][1]

@@ -16,8 +16,8 @@ import pytest
 from taiji_jax import config_lib
 from taiji_jax.evaluate import metrics
 from taiji_jax.models import sasrec
+from taiji_jax.stages import artifacts
 from taiji_jax.testing import runs
-from taiji_jax.train import sasrec_trainer
 from taiji_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
   # The trained model loads as a preference scorer for the RL stage, and
   # its scores reproduce the run's own test metric.
-  model, config = sasrec_trainer.load_scorer(straight)
-  _, split = sasrec_trainer.load_data(config)
+  model, config = artifacts.sasrec_scorer(straight)
+  _, split = artifacts.split(config, config.max_len)
   test = split["test"]
   scores = np.asarray(sasrec.score(model, test["histories"]))
   assert scores.shape == (len(test["targets"]),

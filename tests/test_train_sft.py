@@ -11,10 +11,12 @@ import pytest
 from taiji_jax import config_lib
 from taiji_jax import sharding
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.sidlm import rows as sid_rows
+from taiji_jax.sidlm import task
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sft as sft_stage
+from taiji_jax.stages import sids as sids_stage
 from taiji_jax.testing import runs
-from taiji_jax.train import build_sids
-from taiji_jax.train import sft
-from taiji_jax.train import sft_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -46,7 +48,7 @@ def small_setup(tmp_path_factory):
           "tasks.item_to_sid": 1,
           "model.overrides.dropout_rate": 0.0
       })
-  dataset = build_sids.load_dataset(config)
+  dataset = artifacts.dataset(config)
   rng = np.random.default_rng(0)
   flat = rng.choice(np.prod(SIZES), dataset.num_items, replace=False)
   codes = np.stack(np.unravel_index(flat, SIZES), 1)
@@ -56,27 +58,27 @@ def small_setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sft_unit")
   sids.save(root / "sids")
   workdir = root / "sft"
-  loaded = sft.load_sids(config, workdir, dataset)
-  vocab = sft.build_vocab(config, dataset, loaded, workdir)
+  loaded = artifacts.load_sids(config, workdir, dataset)
+  vocab = task.build_vocab(config, dataset, loaded, workdir)
   split = dataset.split_leave_one_out(config.max_items)
   item_tokens = vocab.item_token_table(loaded)
   users = np.arange(1, dataset.num_users + 1)
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
-  rows = sft.training_rows(config, dataset, split, vocab, item_tokens, prefixes)
+  prefixes = sid_rows.user_prefixes(dataset, vocab, users, config.max_prefix)
+  rows = task.training_rows(config, dataset, split, vocab, item_tokens, prefixes)
   return config, dataset, loaded, vocab, split, rows
 
 
 def test_missing_sids_say_to_run_the_sids_stage(small_setup, tmp_path):
   config, dataset = small_setup[:2]
   with pytest.raises(FileNotFoundError, match="run the sids stage first"):
-    sft.load_sids(config, tmp_path / "sft", dataset)
+    artifacts.load_sids(config, tmp_path / "sft", dataset)
 
 
 def test_loss_mask_covers_only_sid_tokens_of_target_items(small_setup):
   config, dataset, sids, vocab, split, rows = small_setup
   tokens, mask = rows["tokens"], rows["loss_mask"]
   levels, offsets = sids.levels, vocab.level_offsets
-  assert tokens.shape[1] == sft.row_length(config, levels)
+  assert tokens.shape[1] == task.row_length(config, levels)
   num_targets = sum(max(len(s) - 1, 0) for s in split["train"]["sequences"])
   is_sid = (tokens >= offsets[0]) & (tokens < vocab.text_offset)
   # item_to_sid rows (one per item) come after the next-item rows.
@@ -109,9 +111,9 @@ def test_loss_mask_covers_only_sid_tokens_of_target_items(small_setup):
 def test_train_step_loss_equals_a_direct_computation(small_setup):
   config, _, sids, vocab, _, rows = small_setup
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  model_cfg = sft.model_config(config, vocab.size)
-  setup = sft.build(config, model_cfg, 10, mesh, sids, vocab)
-  batch = next(sft.epoch_batches(rows, config.train.batch_size, 0, 0))
+  model_cfg = task.model_config(config, vocab.size)
+  setup = task.build(config, model_cfg, 10, mesh, sids, vocab)
+  batch = next(task.epoch_batches(rows, config.train.batch_size, 0, 0))
   assert batch["tokens"].shape == (config.train.batch_size,
                                    rows["tokens"].shape[1])
   params = jax.device_get(setup.state["params"])
@@ -136,9 +138,9 @@ def test_epoch_batches_are_seeded_and_cover_every_row(small_setup):
   rows = small_setup[-1]
   n = len(rows["tokens"])
   tagged = {"tokens": np.arange(n)[:, None], "loss_mask": np.arange(n)[:, None]}
-  first = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 0)]
-  again = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 0)]
-  other = [b["tokens"][:, 0] for b in sft.epoch_batches(tagged, 16, 0, 1)]
+  first = [b["tokens"][:, 0] for b in task.epoch_batches(tagged, 16, 0, 0)]
+  again = [b["tokens"][:, 0] for b in task.epoch_batches(tagged, 16, 0, 0)]
+  other = [b["tokens"][:, 0] for b in task.epoch_batches(tagged, 16, 0, 1)]
   np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
   assert not np.array_equal(np.concatenate(first), np.concatenate(other))
   assert all(len(b) == 16 for b in first)
@@ -151,7 +153,7 @@ def test_length_buckets_cut_only_padding_and_cover_every_row(small_setup):
   # Tag each row in its last column (a real token of every row).
   tagged = dict(rows, row=np.arange(len(rows["tokens"]))[:, None])
   seen, widths = [], set()
-  for batch in sft.epoch_batches(tagged, 16, 3, 0, pad, bucket=8):
+  for batch in task.epoch_batches(tagged, 16, 3, 0, pad, bucket=8):
     width = batch["tokens"].shape[1]
     widths.add(width)
     assert width % 8 == 0 or width == length
@@ -164,15 +166,15 @@ def test_length_buckets_cut_only_padding_and_cover_every_row(small_setup):
     np.testing.assert_array_equal(batch["loss_mask"],
                                   rows["loss_mask"][idx][:, length - width:])
     # Every row of the batch needs more than the next smaller bucket.
-    real = sft.real_lengths(full, pad)
+    real = task.real_lengths(full, pad)
     assert np.all(real > width - 8) and np.all(real <= width)
   assert len(widths) > 1  # alignment rows are much shorter than history rows
   assert set(seen) == set(range(len(rows["tokens"])))
-  assert len(seen) == 16 * sft.num_batches(rows, 16, pad, bucket=8)
-  assert sft.num_batches(rows, 16, pad, 0) == -(-len(rows["tokens"]) // 16)
+  assert len(seen) == 16 * task.num_batches(rows, 16, pad, bucket=8)
+  assert task.num_batches(rows, 16, pad, 0) == -(-len(rows["tokens"]) // 16)
   again = [
       b["row"][:, 0].tolist()
-      for b in sft.epoch_batches(tagged, 16, 3, 0, pad, bucket=8)
+      for b in task.epoch_batches(tagged, 16, 3, 0, pad, bucket=8)
   ]
   assert sum(again, []) == seen
 
@@ -185,7 +187,7 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
           "quantizers": ("rq_kmeans",),
           "default": "rq_kmeans",
       })
-  build_sids.run(sids_config, tmp_path / "sids")
+  sids_stage.run(sids_config, tmp_path / "sids")
   config = _config("ml100k_sft.py", "smoke")
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   # The uninterrupted run and the run that will be killed run concurrently,
@@ -204,7 +206,7 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
   runs.resume(_command(killed, sids))
   a = runs.assert_same_run(straight, killed)
 
-  dataset = build_sids.load_dataset(config)
+  dataset = artifacts.dataset(config)
   split = dataset.split_leave_one_out(config.max_items)
   for part in ("valid", "test"):
     metrics = a[part]
@@ -226,13 +228,13 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
 
   # Re-running a finished run resumes from its final checkpoint: no
   # retraining, same results; a different config is refused.
-  again = sft.train_and_evaluate(
+  again = sft_stage.train_and_evaluate(
       config_lib.with_overrides(config, sids_workdir=str(tmp_path / "sids")),
       straight)
   assert runs.metric_records(straight) == records
   assert again["steps"] == a["steps"]
   with pytest.raises(ValueError, match="differs in"):
-    sft.train_and_evaluate(
+    sft_stage.train_and_evaluate(
         _config("ml100k_sft.py", "smoke", **{
             "train.lr": 1e-4,
             "sids_workdir": str(tmp_path / "sids")
@@ -242,14 +244,14 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
 def test_history_titles_lengthen_rows_but_not_the_loss(small_setup):
   config, dataset, sids, vocab, split, rows = small_setup
   titled = config_lib.with_overrides(config, history_titles=3)
-  assert sft.history_titles(config, dataset, vocab) is None
-  titles = sft.history_titles(titled, dataset, vocab)
+  assert task.history_titles(config, dataset, vocab) is None
+  titles = task.history_titles(titled, dataset, vocab)
   item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
-  prefixes = sft_data.user_prefixes(dataset, vocab, users, config.max_prefix)
-  longer = sft.training_rows(titled, dataset, split, vocab, item_tokens,
+  prefixes = sid_rows.user_prefixes(dataset, vocab, users, config.max_prefix)
+  longer = task.training_rows(titled, dataset, split, vocab, item_tokens,
                              prefixes, titles)
   levels = sids.codes.shape[1]
-  assert longer["tokens"].shape[1] == sft.row_length(titled, levels)
-  assert sft.row_length(titled, levels) > sft.row_length(config, levels)
+  assert longer["tokens"].shape[1] == task.row_length(titled, levels)
+  assert task.row_length(titled, levels) > task.row_length(config, levels)
   assert longer["loss_mask"].sum() == rows["loss_mask"].sum()

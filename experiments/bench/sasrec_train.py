@@ -25,7 +25,8 @@ from taiji_jax import launch
 from taiji_jax import sharding
 from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
-from taiji_jax.train import sasrec_trainer
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sasrec as sasrec_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -51,7 +52,7 @@ def main(argv):
   del argv
   launch.setup()
   config = _CONFIG.value
-  dataset, split = sasrec_trainer.load_data(config)
+  dataset, split = artifacts.split(config, config.max_len)
   windows = pipeline.training_windows(split["train"]["sequences"],
                                       config.max_len, config.window_stride)
   batch_size = config.train.batch_size
@@ -60,8 +61,8 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(r) for r in config.sharding_rules)
   t0 = time.perf_counter()
-  setup = sasrec_trainer.build(
-      config, sasrec_trainer.model_config(config, dataset.num_items),
+  setup = sasrec_stage.build(
+      config, artifacts.sasrec_model_config(config, dataset.num_items),
       steps * _EPOCHS.value, mesh)
   it = iter(
       pipeline.train_batches(windows, batch_size, config.seed,

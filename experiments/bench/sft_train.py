@@ -4,18 +4,18 @@ r"""Benchmarks the SFT train step: steps/s, tokens/s, TFLOP/s and MFU.
       --steps 10
 
 Defaults come from `--config` (`configs/ml100k_sft.py`): its decoder
-(`sft.model_config`: preset "small" with hidden 128, 2 layers, 4 heads / 2
+(`task.model_config`: preset "small" with hidden 128, 2 layers, 4 heads / 2
 kv heads, MLP 256) on the vocabulary of `--codebooks` 64/64/64/4 (8
 specials + 196 SID codes + config.vocab.size 1,000 pieces: 1,204 ids), rows
-of `sft.row_length` = 32 prefix + 31 items x 4 SID tokens = 156 tokens, its
+of `task.row_length` = 32 prefix + 31 items x 4 SID tokens = 156 tokens, its
 batch of 64 and its optimizer (`optimizer.from_config`: AdamW with
 warmup, cosine decay and global norm clipping). Any preset and overrides
 can be given, e.g. `--preset=llama_1b --overrides='{"remat": true}'
 --dtype=bfloat16 --batch_size=8 --seq_len=1024` (the preset's own
 vocabulary unless `--vocab_size`); `--config.train.lr=...` etc. as usual.
 
-The step is the SFT trainer's own (`sft.make_train_step` +
-`sft.jit_train_step`, state donated) on random, fixed token batches already
+The step is the SFT trainer's own (`task.make_train_step` +
+`task.jit_train_step`, state donated) on random, fixed token batches already
 on the device (no padding; loss on every target), so the figures exclude the
 input pipeline. Compilation and the first step are timed separately from
 the `--steps` timed steps (one `jax.block_until_ready` at the end).
@@ -54,8 +54,8 @@ from taiji_jax import benchmarking
 from taiji_jax import launch
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.sidlm import task
 from taiji_jax.train import optimizer
-from taiji_jax.train import sft
 
 SFT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / (
     "ml100k_sft.py")
@@ -130,11 +130,11 @@ def run(model_cfg: decoder_lib.DecoderConfig,
   rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
   mesh = mesh if mesh is not None else sharding.make_mesh()
   tx = optimizer.from_config(config, steps + 1)
-  graphdef, init_state = sft.state_init_fn(model_cfg, tx, seed)
+  graphdef, init_state = task.state_init_fn(model_cfg, tx, seed)
   state_shardings = sharding.tree_shardings(
       jax.eval_shape(init_state), mesh, rules)
-  step_fn = sft.jit_train_step(
-      sft.make_train_step(graphdef, tx, pad_id=0), state_shardings, mesh)
+  step_fn = task.jit_train_step(
+      task.make_train_step(graphdef, tx, pad_id=0), state_shardings, mesh)
   batch_sharding = sharding.data_sharding(mesh, 2, rules, (batch_size, seq_len))
   batches = [
       jax.device_put(b, batch_sharding) for b in random_batches(
@@ -214,7 +214,7 @@ def define_flags():
   benchmarking.define_sft_flags(SFT_CONFIG)
   flags.DEFINE_integer(
       "seq_len", None,
-      "Tokens per row (default: sft.row_length of the config and codebooks).")
+      "Tokens per row (default: task.row_length of the config and codebooks).")
   flags.DEFINE_bool("remat", None, "Rematerialise blocks (default: model's).")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
   flags.DEFINE_float("peak_tflops", None,
@@ -229,7 +229,7 @@ def main(argv):
   remat = {} if f.remat is None else {"remat": f.remat}
   bench = benchmarking.sft_from_flags(**remat)
   config = bench.config
-  seq_len = f.seq_len or sft.row_length(config, len(bench.codebooks))
+  seq_len = f.seq_len or task.row_length(config, len(bench.codebooks))
   result = {"preset": bench.preset}
   result |= run(
       bench.model_cfg,

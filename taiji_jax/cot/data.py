@@ -152,7 +152,7 @@ def rows_for(examples: dict[str, np.ndarray], example_ids: Sequence[int],
     examples: `next_item_examples` output.
     example_ids: (R,) which example each rationale belongs to.
     texts: (R,) the rationale texts ("" for an empty <think></think>).
-    prompts: (N, P) the examples' prompts (`sft_data.prompt_rows`).
+    prompts: (N, P) the examples' prompts (`sidlm.rows.prompt_rows`).
     item_tokens: (num_items + 1, L) SID tokens of every item.
     max_think: the rationale budget in tokens.
     target: "reasoning" (CoT SFT loss) or "answer" (ORFT scoring).

@@ -30,7 +30,7 @@ import numpy as np
 from taiji_jax.cot import teachers as teachers_lib
 from taiji_jax.generate import recommend
 from taiji_jax.generate import think as think_lib
-from taiji_jax.train import sft_data
+from taiji_jax.sidlm import rows as sid_rows
 
 TARGET_TEMPLATE = " Next:"
 
@@ -67,7 +67,7 @@ class LMTeacher(teachers_lib.Teacher):
     dataset: the `Dataset` (user profiles, item titles).
     item_tokens: (num_items + 1, L) SID token ids (`vocab.item_token_table`).
     max_items: history items in the prompt (the most recent).
-    max_prefix: prompt prefix budget (`sft_data.user_prefixes`).
+    max_prefix: prompt prefix budget (`sid_rows.user_prefixes`).
     max_new_tokens: rationale budget.
     temperature: sampling temperature (> 0).
     direct: the target-blind baseline.
@@ -103,7 +103,7 @@ class LMTeacher(teachers_lib.Teacher):
     self.direct = bool(direct)
     self.batch_size = batch_size
     users = np.arange(1, dataset.num_users + 1)
-    self._prefixes = sft_data.user_prefixes(dataset, vocab, users, max_prefix)
+    self._prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix)
     self._allowed = jnp.asarray(
         think_lib.think_token_mask(vocab.size, vocab.text_offset,
                                    vocab.think_end_id))
@@ -112,7 +112,7 @@ class LMTeacher(teachers_lib.Teacher):
   def prompts(self, users: Sequence[int], histories: np.ndarray,
               targets: Sequence[int] | None) -> np.ndarray:
     """(N, P) left-padded teacher prompts (without the final <think>)."""
-    base = sft_data.prompt_rows(
+    base = sid_rows.prompt_rows(
         np.asarray(histories), np.asarray(users), self.item_tokens,
         self._prefixes, self.max_items, self.max_prefix, self.vocab.pad_id)
     if self.direct:
@@ -129,7 +129,7 @@ class LMTeacher(teachers_lib.Teacher):
               (self.vocab.encode(f" {title}.") if title else []))
       rows.append(row[row != self.vocab.pad_id].tolist() + tail)
     length = max(len(r) for r in rows)
-    return sft_data.left_pad(rows, length, self.vocab.pad_id)
+    return sid_rows.left_pad(rows, length, self.vocab.pad_id)
 
   def rationales_batch(self, users: Sequence[int], histories: np.ndarray,
                        targets: Sequence[int] | None, k: int,

@@ -11,7 +11,7 @@ and keeps the candidates with PPL < R, R = the median PPL of all
 candidates (the paper's rule; `threshold` takes any quantile). A prompt may
 keep 0..k of its k candidates.
 
-Scoring rows use the SFT row conventions (`train/sft_data.py`): one row
+Scoring rows use the SFT row conventions (`train/sid_rows.py`): one row
 per candidate, left-padded with <pad> so every row ends on its last real
 token,
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from taiji_jax.evaluate import figures
 from taiji_jax.models import decoder as decoder_lib
-from taiji_jax.train import sft_data
+from taiji_jax.sidlm import rows as sid_rows
 
 PERCENTILES = (5, 25, 50, 75, 95)
 STATS_FILE = "orft_stats.json"
@@ -72,7 +72,7 @@ def reasoning_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
 
   Args:
     prompts: R prompts: token lists, or an (R, P) array left-padded with
-      `vocab.pad_id` (e.g. `sft_data.prompt_rows`); leading pads are dropped.
+      `vocab.pad_id` (e.g. `sid_rows.prompt_rows`); leading pads are dropped.
     rationales: R rationale token lists, without the <think> markers (e.g.
       `vocab.encode(text)`).
     answers: R answer SIDs as token lists or an (R, L) array (rows of
@@ -128,8 +128,8 @@ def reasoning_rows(prompts: Sequence[Sequence[int]] | np.ndarray,
     length = max((len(r) for r in rows), default=1)
   # The SFT rows' left padding, so both stay one convention.
   return {
-      "tokens": sft_data.left_pad(rows, length, pad),
-      "loss_mask": sft_data.left_pad(masks, length, 0).astype(bool),
+      "tokens": sid_rows.left_pad(rows, length, pad),
+      "loss_mask": sid_rows.left_pad(masks, length, 0).astype(bool),
   }
 
 

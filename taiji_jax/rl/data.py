@@ -1,6 +1,6 @@
 """What the RL stage reads: prompts, evaluation parts, reward tables.
 
-Pure data preparation on the host; `rl/trainer.py` wires it to the jitted
+Pure data preparation on the host; `stages/rl.py` wires it to the jitted
 rollout, update and evaluation. The evaluation step is the SFT stage's
 (trie-constrained beam, history excluded) plus the semantic and preference
 rewards of the ranked items and the held-out judges (`rl/judges.py`).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pathlib
 
-from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,11 +17,10 @@ from taiji_jax.cot import data as cot_data
 from taiji_jax.data import pipeline
 from taiji_jax.rl import judges as judges_lib
 from taiji_jax.rl import rewards as rewards_lib
+from taiji_jax.sidlm import evaluation as sid_evaluation
+from taiji_jax.sidlm import rows as sid_rows
+from taiji_jax.sidlm import task
 from taiji_jax.text import embedding_cache
-from taiji_jax.train import sasrec_trainer
-from taiji_jax.train import sft
-from taiji_jax.train import sft_data
-from taiji_jax.train import sft_eval
 
 EVAL_REWARDS = ("semantic", "preference")
 
@@ -97,23 +95,6 @@ def judge_tables(config, dataset, split, sids_workdir: pathlib.Path,
   return out
 
 
-def load_sasrec(path: pathlib.Path, dataset):
-  """(graphdef, params, max_len) of the preference model, checked."""
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(
-        f"the preference reward needs a trained SASRec in {path} (no "
-        "config.json); run the sasrec stage or set config.sasrec_workdir.")
-  model, sasrec_config = sasrec_trainer.load_scorer(path)
-  if sasrec_config.dataset.name != dataset.name or (
-      model.cfg.num_items != dataset.num_items):
-    raise ValueError(f"{path}: SASRec was trained on "
-                     f"{sasrec_config.dataset.name!r} with "
-                     f"{model.cfg.num_items} items, the SFT model on "
-                     f"{dataset.name!r} with {dataset.num_items}.")
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params, int(sasrec_config.max_len)
-
-
 def right_align(histories: np.ndarray, length: int) -> np.ndarray:
   """The last `length` columns of right-aligned histories (zero-padded)."""
   h = histories.shape[1]
@@ -122,14 +103,14 @@ def right_align(histories: np.ndarray, length: int) -> np.ndarray:
   return np.pad(histories, ((0, 0), (length - h, 0)))
 
 
-def training_prompts(config, sft_config, data: sft.Data,
+def training_prompts(config, sft_config, data: task.Data,
                      pref_len: int) -> dict[str, np.ndarray]:
   """{"prompts", "seen", "targets", "users", "pref_histories"} of every RL
   prompt: each user's last `prompts_per_user` training targets."""
   longest = max(len(s) for s in data.split["train"]["sequences"])
   ex = cot_data.next_item_examples(data.split, int(config.prompts_per_user),
                                    max(longest, 1))
-  prompts = sft_data.prompt_rows(
+  prompts = sid_rows.prompt_rows(
       ex["histories"],
       ex["users"],
       data.item_tokens,
@@ -174,13 +155,13 @@ def prompt_batches(prompts: dict[str, np.ndarray],
       lambda idx: {k: v[idx[process_rows]] for k, v in prompts.items()})
 
 
-def eval_parts(sft_config, data: sft.Data,
+def eval_parts(sft_config, data: task.Data,
                pref_len: int) -> dict[str, dict[str, np.ndarray]]:
   """valid/test with prompts in "histories" and SASRec's "pref_histories"."""
   pref_split = data.dataset.split_leave_one_out(pref_len)
   out = {}
   for part in ("valid", "test"):
-    p = sft.eval_split(data.split[part], data.item_tokens, data.prefixes,
+    p = task.eval_split(data.split[part], data.item_tokens, data.prefixes,
                        sft_config, data.vocab.pad_id, data.titles)
     if not np.array_equal(pref_split[part]["users"], p["users"]):
       raise AssertionError(f"{part}: the two splits list different users.")
@@ -189,12 +170,12 @@ def eval_parts(sft_config, data: sft.Data,
   return out
 
 
-def make_eval_step(sft_config, graphdef, data: sft.Data, sasrec_graphdef,
+def make_eval_step(sft_config, graphdef, data: task.Data, sasrec_graphdef,
                    judge_names=()):
   """`step({"policy", "tables"}, batch)`: the SFT evaluation plus the
   semantic / preference rewards (`reward/*`) and the held-out judges
   (`judge/*`, `judge_names`) of the top-1 and top-10 items."""
-  base = sft_eval.make_eval_step(
+  base = sid_evaluation.make_eval_step(
       sft_config,
       graphdef,
       data.sids,

@@ -38,12 +38,12 @@ from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import rollout as rollout_lib
 from taiji_jax.rl import train_step as step_lib
 from taiji_jax.rl import weighting
+from taiji_jax.sidlm import task
 from taiji_jax.testing import decoders
 from taiji_jax.testing import sids as sid_testing
 from taiji_jax.train import checkpointing
 from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sft
 from taiji_jax.train import train_state
 
 FLAGS = flags.FLAGS
@@ -113,14 +113,14 @@ def sft_steps(workdir: pathlib.Path, mesh, rules) -> dict:
       dict(seed=3, train=dict(batch_size=8, length_bucket=6, num_epochs=2)))
   model_cfg = decoder_lib.DecoderConfig.tiny(vocab_size=V, max_seq_len=16)
   tx = optax.adam(1e-2)
-  graphdef, init_state = sft.state_init_fn(model_cfg, tx, seed=0)
+  graphdef, init_state = task.state_init_fn(model_cfg, tx, seed=0)
   state, shardings = train_state.init_sharded(init_state, mesh, rules)
-  step_fn = sft.jit_train_step(
-      sft.make_train_step(graphdef, tx, pad_id=0, seed=3), shardings, mesh)
+  step_fn = task.jit_train_step(
+      task.make_train_step(graphdef, tx, pad_id=0, seed=3), shardings, mesh)
   put = train_state.batch_putter(mesh, rules)
   b = config.train.batch_size
   batches = iter(
-      sft.train_batches(rows, config, 0, sharding.process_rows(
+      task.train_batches(rows, config, 0, sharding.process_rows(
           mesh, b, rules)).to_iter_dataset())
   with sharding.use_mesh(mesh, rules):
     out, losses = _fit(

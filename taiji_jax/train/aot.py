@@ -5,7 +5,7 @@
 before a single weight is allocated: the train state is built abstractly
 (`jax.eval_shape`), its shardings come from the parameters' logical axes
 (`sharding.tree_shardings`), and the very train step the SFT trainer runs
-(`sft.make_train_step` + `sft.jit_train_step`, state donated) is lowered on
+(`task.make_train_step` + `task.jit_train_step`, state donated) is lowered on
 `jax.ShapeDtypeStruct` inputs that carry those shardings and compiled. XLA's
 `memory_analysis()` of the compiled SPMD program then gives the bytes each
 device needs.
@@ -32,7 +32,7 @@ import optax
 
 from taiji_jax import sharding
 from taiji_jax.models import decoder as decoder_lib
-from taiji_jax.train import sft
+from taiji_jax.sidlm import task
 
 _MEMORY_FIELDS = {
     "argument_bytes": "argument_size_in_bytes",
@@ -148,15 +148,15 @@ def train_step_memory(
   """
   rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
   tx = tx if tx is not None else optax.adamw(1e-4)
-  graphdef, init_state = sft.state_init_fn(model_cfg, tx, seed=0)
+  graphdef, init_state = task.state_init_fn(model_cfg, tx, seed=0)
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
   state_in = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, state_shardings)
   batch_in = abstract_batch(mesh, rules, batch_size, seq_len)
-  step = sft.jit_train_step(
-      sft.make_train_step(graphdef, tx, pad_id), state_shardings, mesh)
+  step = task.jit_train_step(
+      task.make_train_step(graphdef, tx, pad_id), state_shardings, mesh)
   with sharding.use_mesh(mesh, rules):
     compiled = step.lower(state_in, batch_in).compile(compiler_options)
 

@@ -10,6 +10,7 @@ those shared pieces; the trainers add their model and loss.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from flax import nnx
@@ -19,6 +20,25 @@ import numpy as np
 import optax
 
 from taiji_jax import sharding
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything compiled for one run: model structure, steps, shardings.
+
+  `second_eval_step` is the trainer's other evaluation: SFT's with the
+  format check (its final test evaluation), SASRec's under the other
+  history-masking protocol (reported beside, for comparison with RecBole).
+  """
+  graphdef: Any
+  state: Any
+  state_shardings: Any
+  train_step: Any
+  eval_step: Any
+  second_eval_step: Any
+  copy_params: Any
+  put_batch: Any
+  mesh: Any
 
 
 def params_graphdef(abstract_model: nnx.Module) -> Any:

@@ -4,7 +4,7 @@
 `experiments/cot_ablation.py`) does, for every seed, into
 `<workdir>/seed_<s>/`:
 
-  base/       SFT on the packed next-item rows (`train.sft`), the vocabulary
+  base/       SFT on the packed next-item rows (`stages.sft`), the vocabulary
               trained with sample rationales in its corpus; ranked by the
               plain beam (reported as the reference row);
   data/       the CoT examples (each user's last `cot.per_user` training
@@ -55,9 +55,11 @@ from taiji_jax import sharding
 from taiji_jax.cot import data as cot_data
 from taiji_jax.cot import orft
 from taiji_jax.cot import teachers
+from taiji_jax.sidlm import rows as sid_rows
+from taiji_jax.sidlm import task
+from taiji_jax.stages import artifacts
+from taiji_jax.stages import sft as sft_stage
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sft
-from taiji_jax.train import sft_data
 from taiji_jax.train import workdir as workdir_lib
 
 VARIANTS = ("no_cot", "direct", "rupr", "rupr_orft")
@@ -106,7 +108,7 @@ def _fit(config, workdir, data, rows=None, extra=None) -> dict[str, Any]:
     workdir_lib.write_or_check_config(workdir, config)
     logging.info("%s: finished before, reusing its results", workdir)
     return done
-  return sft.train_and_evaluate(
+  return sft_stage.train_and_evaluate(
       config, workdir, data=data, rows=rows, extra_results=extra)
 
 
@@ -161,7 +163,7 @@ def orft_filter(config, root: pathlib.Path, data, examples, candidates,
   rows = cot_data.rows_for(examples, candidates["example"],
                            candidates["texts"], prompts, data.item_tokens,
                            data.vocab, config.cot.max_think, "answer", length)
-  model, setup = sft.load_decoder(root / scorer, data)
+  model, setup = artifacts.sft_decoder(root / scorer, data)
   with sharding.use_mesh(setup.mesh,
                          tuple(tuple(r) for r in config.sft.sharding_rules)):
     ppl = orft.answer_perplexity(
@@ -206,7 +208,7 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   base_config = config_lib.with_overrides(config.sft, seed=seed)
   base_dir = root / "base"
   base_dir.mkdir(parents=True, exist_ok=True)
-  sids_dir = sft.sids_dir(base_config, base_dir)
+  sids_dir = artifacts.sids_dir(base_config, base_dir)
 
   def vocab_texts(dataset):
     split = dataset.split_leave_one_out(base_config.max_items)
@@ -214,12 +216,12 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
                                      item_embeddings(sids_dir, dataset),
                                      split, cot.vocab_examples, 2, seed)
 
-  data = sft.prepare(base_config, base_dir, vocab_texts)
+  data = sft_stage.prepare(base_config, base_dir, vocab_texts)
   out = {"base": _fit(base_config, base_dir, data)}
 
   examples = cot_data.next_item_examples(data.split, cot.per_user,
                                          base_config.max_items)
-  prompts = sft_data.prompt_rows(examples["histories"], examples["users"],
+  prompts = sid_rows.prompt_rows(examples["histories"], examples["users"],
                                  data.item_tokens, data.prefixes,
                                  base_config.max_items, base_config.max_prefix,
                                  data.vocab.pad_id)
@@ -241,7 +243,7 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
                      "texts": [""] * (n * cot.k)}
   tune = fine_tune_config(config, seed, base_dir)
   # The base's own rows, mixed into every fine-tune (cot.replay copies).
-  packed = sft.training_rows(base_config, data.dataset, data.split, data.vocab,
+  packed = task.training_rows(base_config, data.dataset, data.split, data.vocab,
                              data.item_tokens, data.prefixes, data.titles)
   replay = {
       key: np.concatenate([packed[key]] * cot.replay)
@@ -313,12 +315,12 @@ def evaluate_without_thinking(config: ml_collections.ConfigDict,
   inference.
   """
   plain = config_lib.with_overrides(config, **{"eval.think": False})
-  _, setup = sft.load_decoder(workdir, data)
-  step = sft.build(plain, sft.model_config(plain, data.vocab.size),
+  _, setup = artifacts.sft_decoder(workdir, data)
+  step = task.build(plain, task.model_config(plain, data.vocab.size),
                    plain.train.warmup_steps + 2, setup.mesh, data.sids,
                    data.vocab, data.dataset).eval_step
-  params = sft.restore_best_params(workdir, setup, config)
-  return sft.evaluate_split(plain, setup, step, params, data, "test")
+  params = artifacts.sft_best_params(workdir, setup, config)
+  return task.evaluate_split(plain, setup, step, params, data, "test")
 
 
 def sample_thoughts(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -333,11 +335,13 @@ def sample_thoughts(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if path.is_file():
     return json.loads(path.read_text())
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from taiji_jax.generate import think as think_lib  # pylint: disable=g-import-not-at-top
-  model, setup = sft.load_decoder(workdir, data)
+
+  from taiji_jax.generate import \
+      think as think_lib  # pylint: disable=g-import-not-at-top
+  model, setup = artifacts.sft_decoder(workdir, data)
   test = data.split["test"]
   n = min(num_users, len(test["targets"]))
-  prompts = sft_data.prompt_rows(test["histories"][:n], test["users"][:n],
+  prompts = sid_rows.prompt_rows(test["histories"][:n], test["users"][:n],
                                  data.item_tokens, data.prefixes,
                                  config.max_items, config.max_prefix,
                                  data.vocab.pad_id)

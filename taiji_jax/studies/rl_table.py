@@ -24,9 +24,9 @@ from typing import Any
 import ml_collections
 
 from taiji_jax import config_lib
-from taiji_jax.rl import trainer
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.stages import sft as sft_stage
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sft
 from taiji_jax.train import workdir as workdir_lib
 
 # (results key, column header) of the table.
@@ -47,10 +47,10 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
              seed: int) -> dict[str, dict]:
   """SFT then RL for one seed; {row: test metrics}."""
   sft_config = config_lib.with_overrides(config.sft, seed=seed)
-  sft.train_and_evaluate(sft_config, root / "sft")
+  sft_stage.train_and_evaluate(sft_config, root / "sft")
   rl_config = config_lib.with_overrides(
       config.rl, seed=seed, sft_workdir=str(root / "sft"))
-  results = trainer.train_and_evaluate(rl_config, root / "rl")
+  results = rl_stage.train_and_evaluate(rl_config, root / "rl")
   return {
       "sft": results["sft"]["test"],
       "rl": results["test"],

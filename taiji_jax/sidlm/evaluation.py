@@ -3,7 +3,7 @@
 `make_eval_step(config, graphdef, sids, vocab, dataset)` returns the pure
 `eval_step(params, batch) -> {metric: (B,)}` that `full_ranking.evaluate`
 averages over a split. The batch's "histories" are the prompts
-(`sft_data.prompt_rows`), "seen_items" the user's history (never returned)
+(`sidlm.rows.prompt_rows`), "seen_items" the user's history (never returned)
 and "targets" the held-out items.
 
 - `config.eval.think = False`: the SID beam starts right after the prompt

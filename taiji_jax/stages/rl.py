@@ -76,24 +76,22 @@ from taiji_jax.rl import rewards as rewards_lib
 from taiji_jax.rl import rollout as rollout_lib
 from taiji_jax.rl import train_step as step_lib
 from taiji_jax.rl import weighting
+from taiji_jax.sidlm import task
+from taiji_jax.stages import artifacts
 from taiji_jax.train import checkpointing
 from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
 from taiji_jax.train import optimizer
-from taiji_jax.train import sft
 from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
+
 def sft_dir(config, workdir) -> pathlib.Path:
-  if config.sft_workdir:
-    return pathlib.Path(config.sft_workdir)
-  return pathlib.Path(workdir).absolute().parent / "sft"
+  return artifacts.upstream_dir(config.sft_workdir, workdir, "sft")
 
 
 def sasrec_dir(config, sft_workdir: pathlib.Path) -> pathlib.Path:
-  if config.sasrec_workdir:
-    return pathlib.Path(config.sasrec_workdir)
-  return sft_workdir.absolute().parent / "sasrec"
+  return artifacts.upstream_dir(config.sasrec_workdir, sft_workdir, "sasrec")
 
 
 def objective_config(config) -> obj_lib.ObjectiveConfig:
@@ -231,15 +229,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if needs_sasrec:
     inputs["sasrec"] = sasrec_dir(config, src)
   workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)
-  sft_config, data = sft.load_data(src)
+  sft_config, data = artifacts.sft_run(src)
   vocab, sids, dataset = data.vocab, data.sids, data.dataset
   sasrec_graphdef, sasrec_params, pref_len = None, None, sft_config.max_items
   if needs_sasrec:
-    sasrec_graphdef, sasrec_params, pref_len = rl_data.load_sasrec(
-        sasrec_dir(config, src), dataset)
+    model, sasrec_config = artifacts.checked_sasrec(
+        sasrec_dir(config, src), dataset.name, dataset.num_items,
+        "the preference reward")
+    sasrec_graphdef, sasrec_params = nnx.split(model, nnx.Param)
+    pref_len = int(sasrec_config.max_len)
   tables = {
       "item_embeddings":
-          rl_data.item_embeddings(config, sft.sids_dir(sft_config, src),
+          rl_data.item_embeddings(config, artifacts.sids_dir(sft_config, src),
                                   dataset, workdir)
   }
   if sasrec_params is not None:
@@ -247,10 +248,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   judge_names = tuple(config.judges.names)
   tables.update(
       rl_data.judge_tables(config, dataset, data.split,
-                           sft.sids_dir(sft_config, src), workdir))
+                           artifacts.sids_dir(sft_config, src), workdir))
 
   # The SFT run's mesh and sharding rules (its config.json).
-  decoder, setup = sft.load_decoder(src, data)
+  decoder, setup = artifacts.sft_decoder(src, data)
   mesh = setup.mesh
   rules = tuple(tuple(r) for r in sft_config.sharding_rules)
   graphdef = setup.graphdef
@@ -322,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       rl_data.make_eval_step(sft_config, graphdef, data, sasrec_graphdef,
                              judge_names))
   parts = rl_data.eval_parts(sft_config, data, pref_len)
-  put_eval = sft.eval_putter(setup, vocab.pad_id)
+  put_eval = task.eval_putter(setup, vocab.pad_id)
 
   def evaluate(params, part):
     with sharding.use_mesh(mesh, rules):

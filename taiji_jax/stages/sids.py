@@ -40,17 +40,12 @@ from taiji_jax.quantize import quality
 from taiji_jax.quantize import rq_kmeans
 from taiji_jax.quantize import rq_vae
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.stages import artifacts
 from taiji_jax.text import embedding_cache
 from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
 QUANTIZERS = ("rq_kmeans", "rq_vae")
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  kwargs = dict(config.dataset.get("kwargs", {}) or {})
-  return data_lib.load_dataset(
-      config.dataset.name, root=config.dataset.root or None, **kwargs)
 
 
 def content_embeddings(config: ml_collections.ConfigDict,
@@ -65,8 +60,8 @@ def content_embeddings(config: ml_collections.ConfigDict,
 
 def sasrec_dir(config: ml_collections.ConfigDict,
                workdir: pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(config.representation.sasrec_workdir or
-                      pathlib.Path(workdir).absolute().parent / "sasrec")
+  return artifacts.upstream_dir(config.representation.sasrec_workdir, workdir,
+                                "sasrec")
 
 
 def upstream(config: ml_collections.ConfigDict,
@@ -82,8 +77,6 @@ def collaborative_embeddings(config: ml_collections.ConfigDict,
                              dataset: data_lib.Dataset,
                              workdir: pathlib.Path) -> np.ndarray:
   """(num_items, D) item table of the SASRec model trained on this data."""
-  from taiji_jax.train import \
-      sasrec_trainer  # pylint: disable=g-import-not-at-top
   src = sasrec_dir(config, workdir)
   if not (src / "config.json").is_file():
     raise FileNotFoundError(
@@ -94,16 +87,9 @@ def collaborative_embeddings(config: ml_collections.ConfigDict,
       src / "results.json").is_file() else str(src.resolve())
 
   def compute():
-    model, sasrec_config = sasrec_trainer.load_scorer(src)
-    if sasrec_config.dataset.name != config.dataset.name:
-      raise ValueError(
-          f"{src}: SASRec was trained on {sasrec_config.dataset.name!r}, the "
-          f"SIDs are for {config.dataset.name!r}")
-    table = np.asarray(model.item_embed[...])
-    if table.shape[0] != dataset.num_items + 1:
-      raise ValueError(f"{src}: SASRec has {table.shape[0] - 1} items, the "
-                       f"dataset {dataset.num_items}")
-    return table[1:]
+    model, _ = artifacts.checked_sasrec(src, config.dataset.name,
+                                        dataset.num_items, "the SIDs")
+    return np.asarray(model.item_embed[...])[1:]
 
   return embedding_cache.cached_array(
       workdir / "embeddings" / "collaborative.npz", key, compute)
@@ -254,7 +240,7 @@ def run(config: ml_collections.ConfigDict,
   workdir_lib.write_or_check_config(workdir, config)
   workdir_lib.check_inputs(workdir, upstream(config, workdir),
                            config.on_stale_inputs)
-  dataset = load_dataset(config)
+  dataset = artifacts.dataset(config)
   x = item_representations(config, dataset, workdir)
   reports = {
       name: build_one(name, x, config, dataset, workdir)

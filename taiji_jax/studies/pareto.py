@@ -50,9 +50,10 @@ import numpy as np
 
 from taiji_jax import config_lib
 from taiji_jax.evaluate import figures
-from taiji_jax.rl import trainer
+from taiji_jax.stages import rl as rl_stage
+from taiji_jax.studies import rl_table
+from taiji_jax.stages import sft as sft_stage
 from taiji_jax.train import metric_writer
-from taiji_jax.train import sft
 from taiji_jax.train import workdir as workdir_lib
 
 X_METRIC = "reward/semantic@1"
@@ -63,15 +64,8 @@ FRONTS = {
     "rewards": (X_METRIC, Y_METRIC),
     "judges": ("judge/semantic@1", "judge/preference@1"),
 }
-TABLE_METRICS = (
-    ("reward/semantic@1", "semantic reward@1 (trained)"),
-    ("reward/preference@1", "preference reward@1 (trained)"),
-    ("judge/semantic@1", "judge: semantic@1 (SmolLM2)"),
-    ("judge/preference@1", "judge: preference@1 (item-kNN)"),
-    ("label_acc@1", "judge: genre acc@1"),
-    ("recall@10", "Recall@10"),
-    ("ndcg@10", "NDCG@10"),
-)
+# The table's columns: the RL-vs-SFT study's.
+TABLE_METRICS = rl_table.TABLE_METRICS
 
 
 def fixed_name(w: float) -> str:
@@ -106,7 +100,7 @@ def variants(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
 def weight_trajectory(workdir: os.PathLike | str,
                       names: Sequence[str]) -> dict[str, list[float]]:
   """{reward: [weight used at step 1, 2, ...]} from an RL run's metrics."""
-  records = trainer.read_metrics(workdir)
+  records = rl_stage.read_metrics(workdir)
   return {
       n: [float(r[f"weights/{n}"]) for r in records if f"weights/{n}" in r]
       for n in names
@@ -122,7 +116,7 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   sft_dir = config.sft_workdir
   if not sft_dir:
     sft_dir = root / "sft"
-    sft.train_and_evaluate(
+    sft_stage.train_and_evaluate(
         config_lib.with_overrides(config.sft, seed=seed), sft_dir)
   out = {}
   for i, (name, overrides) in enumerate(variants(config)):
@@ -133,7 +127,7 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
         sft_workdir=str(sft_dir),
         **{"eval.reference_model": i == 0},
         **overrides)
-    results = trainer.train_and_evaluate(rl_config, root / name)
+    results = rl_stage.train_and_evaluate(rl_config, root / name)
     if i == 0:
       out["sft"] = {
           "test": results["sft"]["test"],

@@ -1,7 +1,8 @@
 """Training, early stopping and evaluation of SASRec; resumable.
 
-`train_and_evaluate(config, workdir)` is the whole experiment; the absl entry
-point `experiments/train_sasrec.py` and notebooks call it. The workdir holds:
+`train_and_evaluate(config, workdir)` is the whole stage; the absl entry
+point `experiments/train_sasrec.py`, the pipeline and notebooks call it; a
+later stage opens the trained model with `artifacts.sasrec_scorer`. The workdir holds:
 
   config.json      the config (a resumed run must use the same one)
   checkpoints/     orbax: train state, best parameters, loop counters and
@@ -20,8 +21,6 @@ one that never stopped.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import pathlib
 from typing import Any
@@ -29,16 +28,15 @@ from typing import Any
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
 from taiji_jax import config_checks as checks
-from taiji_jax import data as data_lib
 from taiji_jax import sharding
 from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import sasrec
+from taiji_jax.stages import artifacts
 from taiji_jax.train import checkpointing
 from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
@@ -47,43 +45,14 @@ from taiji_jax.train import train_state
 from taiji_jax.train import workdir as workdir_lib
 
 
-def load_data(config: ml_collections.ConfigDict):
-  """Dataset and its leave-one-out split for a config."""
-  kwargs = dict(config.dataset.get("kwargs", {}) or {})
-  dataset = data_lib.load_dataset(
-      config.dataset.name, root=config.dataset.root or None, **kwargs)
-  return dataset, dataset.split_leave_one_out(config.max_len)
-
-
-def model_config(config: ml_collections.ConfigDict,
-                 num_items: int) -> sasrec.SASRecConfig:
-  return sasrec.SASRecConfig(
-      num_items=num_items, max_len=config.max_len, **config.model.to_dict())
-
-
-# Every trainer's optimizer (kept here under its old name).
-make_optimizer = optimizer.from_config
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything compiled for one run: model structure, steps, shardings."""
-  graphdef: Any
-  state: Any
-  state_shardings: Any
-  train_step: Any
-  eval_step: Any
-  other_eval_step: Any
-  copy_params: Any
-  put_batch: Any
-  mesh: Any
+Setup = train_state.Setup
 
 
 def build(config: ml_collections.ConfigDict, model_cfg: sasrec.SASRecConfig,
           total_steps: int, mesh: jax.sharding.Mesh) -> Setup:
   """Abstract init -> shardings -> sharded init and jitted steps."""
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  tx = make_optimizer(config, total_steps)
+  tx = optimizer.from_config(config, total_steps)
 
   graphdef = train_state.params_graphdef(
       nnx.eval_shape(lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0))))
@@ -146,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.write_or_check_config(workdir, config)
-  dataset, split = load_data(config)
+  dataset, split = artifacts.split(config, config.max_len)
   logging.info("dataset %s from %s: %s", dataset.name, dataset.source,
                dataset.statistics())
   windows = pipeline.training_windows(split["train"]["sequences"],
@@ -155,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   steps_per_epoch = -(-len(windows["inputs"]) // batch_size)
   total_steps = steps_per_epoch * config.train.num_epochs
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  setup = build(config, model_config(config, dataset.num_items), total_steps,
+  setup = build(config, artifacts.sasrec_model_config(config, dataset.num_items), total_steps,
                 mesh)
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
   rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -203,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         # Test metrics under the other history-masking protocol.
         ("test_history_unmasked"
          if config.eval.mask_history else "test_history_masked"):
-            full_ranking.evaluate(setup.other_eval_step, best_params,
+            full_ranking.evaluate(setup.second_eval_step, best_params,
                                   split["test"], config.eval.batch_size,
                                   setup.put_batch),
     }
@@ -211,42 +180,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(workdir / "results.json", results)
   return results
-
-
-def load_scorer(workdir: os.PathLike | str):
-  """Loads a trained SASRec from a workdir for use as a reward model.
-
-  Returns:
-    (model, dataset_config_dict): the NNX model with the best-valid
-    parameters; call `sasrec.score(model, histories, items)`.
-  """
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(
-      json.loads((workdir / "config.json").read_text()))
-  dataset, _ = load_data(config)
-  model_cfg = model_config(config, dataset.num_items)
-  model = nnx.eval_shape(
-      lambda: sasrec.SASRec(model_cfg, rngs=nnx.Rngs(params=0)))
-  graphdef, abstract_params = nnx.split(model, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shardings = jax.tree.map(lambda _: device, abstract_params)
-  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-  # Restore only best_params: build a partial abstract tree via full restore.
-  tx = make_optimizer(config, 1)
-  abstract_state = jax.eval_shape(
-      lambda p: {
-          "params": p,
-          "opt_state": tx.init(p),
-          "step": jnp.zeros((), jnp.int32)
-      }, abstract_params)
-  abstract = checkpointing.abstract_like(
-      {
-          "state": abstract_state,
-          "best_params": abstract_params
-      }, {
-          "state": jax.tree.map(lambda _: device, abstract_state),
-          "best_params": shardings
-      })
-  restored, _ = ckpt.restore(abstract)
-  ckpt.close()
-  return nnx.merge(graphdef, restored["best_params"]), config

@@ -1,90 +1,52 @@
-"""Supervised fine-tuning of the SID decoder on next-item rows; resumable.
+"""The SID-LM task: what SFT, the reasoning study and RL share.
 
-`train_and_evaluate(config, workdir)` is the whole stage; the absl entry
-point `experiments/train_sft.py` and notebooks call it. It reads the
-semantic IDs of the sids stage (`config.sids_workdir`, default
-`<workdir>/../sids`) and writes into the workdir:
+A decoder LM reads a user's prompt (profile, recent history as SID tokens,
+optionally titles) and writes the next item's SID. This module holds the
+task's pieces, with no stage behind them:
 
-  config.json      the config (a resumed run must use the same one)
-  vocab/           the sentencepiece + SID vocabulary (reused when the texts
-                   and codebooks are unchanged)
-  checkpoints/     orbax: train state, best parameters, loop counters and
-                   the input iterator's state, every
-                   `checkpoint_every_epochs` epochs and at the end
-  metrics.jsonl    per-epoch train loss and valid metrics (process 0)
-  results.json     {"valid": {...}, "test": {...}} of the best-valid params,
-                   in the format of the SASRec stage
+  vocabulary   `build_vocab` (sentencepiece pieces + specials + SID tokens)
+  rows         `training_rows`: packed next-item rows (`sidlm.rows`) plus
+               the item-text -> SID and SID -> title alignment rows
+  batches      `epoch_plan` (length buckets, seeded per epoch) and
+               `train_batches` (a grain pipeline over steps)
+  the model    `model_config` (a preset with overrides), `build` (abstract
+               init, sharded state, jitted train and evaluation steps)
+  the step     `sft_loss`, `make_train_step` (the function the trainer, the
+               benchmark and the memory check compile)
+  evaluation   `eval_split` (prompts of a split part), `evaluate_split`
+               (trie-constrained beam ranking, `sidlm.evaluation`)
+  `Data`       what every run of a dataset reads, built once
 
-Training rows are `sft_data.next_item_rows` of the training split (every
-training interaction is a target once), plus the optional item-text -> SID
-and SID -> title alignment rows, batched by length bucket
-(`config.train.length_bucket`) and shuffled every epoch by a numpy RNG
-seeded with (seed, epoch); dropout keys are folded from (seed, step), so a
-resumed run repeats the uninterrupted one exactly. Evaluation prompts the model with each user's profile and
-recent history and ranks items by trie-constrained beam search (beams =
-max(ks)) that never returns an item the user has seen, the candidate set of
-SASRec's masked full ranking.
-
-The batches are a grain pipeline over steps (`train_batches`: each epoch's
-`epoch_plan`), the loop is `train.fit`. Resume order: the latest checkpoint
-in `<workdir>/checkpoints` (the data order resumes at the step it was
-saved), else a fresh initialisation from `config.seed`.
+The SFT stage (`taiji_jax.stages.sft`) trains it; `stages.artifacts` opens
+a finished run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from absl import logging
 from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from taiji_jax import config_checks as checks
 from taiji_jax import sharding
 from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
+from taiji_jax.sidlm import evaluation
+from taiji_jax.sidlm import rows as rows_lib
 from taiji_jax.text import vocab as vocab_lib
-from taiji_jax.train import build_sids
-from taiji_jax.train import checkpointing
-from taiji_jax.train import fit
-from taiji_jax.train import metric_writer
 from taiji_jax.train import optimizer
-from taiji_jax.train import sft_data
-from taiji_jax.train import sft_eval
 from taiji_jax.train import train_state
-from taiji_jax.train import workdir as workdir_lib
 
 PRESETS = ("tiny", "small")
 ALIGNMENT_TASKS = ("item_to_sid", "sid_to_title")
-
-
-def sids_dir(config: ml_collections.ConfigDict,
-             workdir: os.PathLike | str) -> pathlib.Path:
-  """Where the SIDs are read from: `config.sids_workdir` or `../sids`."""
-  if config.sids_workdir:
-    return pathlib.Path(config.sids_workdir)
-  return pathlib.Path(workdir).absolute().parent / "sids"
-
-
-def load_sids(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
-              dataset) -> sid_lib.SemanticIds:
-  """The sids stage's `SemanticIds`, checked against the dataset."""
-  path = sids_dir(config, workdir)
-  if not (path / sid_lib.FILE_NAME).is_file():
-    raise FileNotFoundError(
-        f"no {sid_lib.FILE_NAME} in {path}: run the sids stage first "
-        f"(experiments/build_sids.py --workdir {path}) or set "
-        "--config.sids_workdir.")
-  return sid_lib.SemanticIds.load(path, dataset.item_raw_ids)
 
 
 def vocab_texts(dataset) -> list[str]:
@@ -96,7 +58,7 @@ def vocab_texts(dataset) -> list[str]:
                                                         1)
     ]
   texts += [
-      " History:", sft_data.ITEM_TO_SID_TEMPLATE, sft_data.SID_TO_TITLE_TEMPLATE
+      " History:", rows_lib.ITEM_TO_SID_TEMPLATE, rows_lib.SID_TO_TITLE_TEMPLATE
   ]
   return texts
 
@@ -126,7 +88,7 @@ def history_titles(config: ml_collections.ConfigDict, dataset,
   """Title tokens after each history SID (`config.history_titles` > 0)."""
   if config.history_titles <= 0:
     return None
-  return sft_data.item_titles(dataset, vocab, config.history_titles)
+  return rows_lib.item_titles(dataset, vocab, config.history_titles)
 
 
 def training_rows(
@@ -144,7 +106,7 @@ def training_rows(
   every SID of the next-item rows.
   """
   train = split["train"]
-  rows = sft_data.next_item_rows(
+  rows = rows_lib.next_item_rows(
       train["sequences"],
       train["users"],
       item_tokens,
@@ -160,7 +122,7 @@ def training_rows(
     copies = int(config.tasks[task])
     if copies <= 0:
       continue
-    extra = sft_data.alignment_rows(dataset, vocab, item_tokens, task, length)
+    extra = rows_lib.alignment_rows(dataset, vocab, item_tokens, task, length)
     tokens += [extra["tokens"]] * copies
     masks += [extra["loss_mask"]] * copies
   return {"tokens": np.concatenate(tokens), "loss_mask": np.concatenate(masks)}
@@ -285,25 +247,10 @@ def sft_loss(model, batch, pad_id: int, dropout_rng=None):
                                      batch["loss_mask"][:, 1:])
 
 
-@dataclasses.dataclass
-class Setup:
-  """Everything compiled for one run: model structure, steps, shardings."""
-  graphdef: Any
-  state: Any
-  state_shardings: Any
-  train_step: Any
-  eval_step: Any
-  final_eval_step: Any  # eval_step + the format check (test evaluation)
-  copy_params: Any
-  put_batch: Any
-  mesh: Any
+Setup = train_state.Setup
 
 
 # The evaluation's helpers, under their old names.
-semantic_tables = sft_eval.semantic_tables
-eval_beams = sft_eval.eval_beams
-
-
 def make_train_step(graphdef,
                     tx: optax.GradientTransformation,
                     pad_id: int,
@@ -366,7 +313,7 @@ def build(config: ml_collections.ConfigDict,
           dataset=None) -> Setup:
   """Abstract init -> shardings -> sharded init and jitted steps.
 
-  The evaluation step is `sft_eval.make_eval_step` (plain or
+  The evaluation step is `evaluation.make_eval_step` (plain or
   think-then-recommend, `config.eval.think`); with `dataset` it also reports
   the semantic metrics of `evaluate.semantic`. The format-compliance check
   (a second, unconstrained generation) runs in the final test evaluation
@@ -379,10 +326,10 @@ def build(config: ml_collections.ConfigDict,
   state, state_shardings = train_state.init_sharded(init_state, mesh, rules)
   train_step = make_train_step(graphdef, tx, pad_id, config.seed)
 
-  eval_step = sft_eval.make_eval_step(
+  eval_step = evaluation.make_eval_step(
       config, graphdef, sids, vocab, dataset, format_check=False)
   final_eval_step = jax.jit(
-      sft_eval.make_eval_step(config, graphdef, sids, vocab, dataset))
+      evaluation.make_eval_step(config, graphdef, sids, vocab, dataset))
   jit_train = jit_train_step(train_step, state_shardings, mesh)
   return Setup(graphdef, state, state_shardings, jit_train, jax.jit(eval_step),
                final_eval_step,
@@ -402,7 +349,7 @@ def eval_split(part: dict[str, np.ndarray],
   excluded from the means); an all-padding prompt row is replaced by the
   first prompt in `put` so every decoded row is well defined.
   """
-  prompts = sft_data.prompt_rows(
+  prompts = rows_lib.prompt_rows(
       part["histories"],
       part["users"],
       item_tokens,
@@ -424,7 +371,7 @@ class Data:
     sids: the sids stage's `SemanticIds`.
     vocab: the text + SID vocabulary.
     item_tokens: (num_items + 1, L) SID token ids of every item.
-    prefixes: {user: prompt prefix tokens} (`sft_data.user_prefixes`).
+    prefixes: {user: prompt prefix tokens} (`rows_lib.user_prefixes`).
     titles: history title tokens or None (`history_titles`).
   """
   dataset: Any
@@ -434,63 +381,6 @@ class Data:
   item_tokens: np.ndarray
   prefixes: dict
   titles: list | None
-
-
-def prepare(config: ml_collections.ConfigDict,
-            workdir: os.PathLike | str,
-            extra_vocab_texts: Callable[[Any], Sequence[str]] | None = None
-           ) -> Data:
-  """Loads the data and SIDs and builds the vocabulary into `workdir`.
-
-  `extra_vocab_texts(dataset)` adds texts to the vocabulary's training
-  corpus (e.g. teacher rationales, so reasoning text is not spelt out in
-  byte pieces).
-  """
-  dataset = build_sids.load_dataset(config)
-  split = dataset.split_leave_one_out(config.max_items)
-  sids = load_sids(config, workdir, dataset)
-  extra = list(extra_vocab_texts(dataset)) if extra_vocab_texts else []
-  vocab = build_vocab(config, dataset, sids, workdir, extra)
-  users = np.arange(1, dataset.num_users + 1)
-  return Data(dataset, split, sids, vocab, vocab.item_token_table(sids),
-              sft_data.user_prefixes(dataset, vocab, users, config.max_prefix),
-              history_titles(config, dataset, vocab))
-
-
-def restore_best_params(source: os.PathLike | str, setup: Setup,
-                        config: ml_collections.ConfigDict) -> Any:
-  """The best-valid parameters of the SFT run in `source`, on this mesh.
-
-  Raises:
-    FileNotFoundError: `source` holds no finished SFT checkpoint.
-    ValueError: its model or vocabulary settings differ from `config`'s
-      (names the differing fields).
-  """
-  source = pathlib.Path(source)
-  src_config = workdir_lib.read_config(source)
-  here = json.loads(config.to_json_best_effort())
-  for key in ("model", "vocab", "max_prefix", "max_items"):
-    if src_config.get(key) != here.get(key):
-      raise ValueError(f"init_from {source}: its {key!r} differs from this "
-                       f"run's: {src_config.get(key)} vs "
-                       f"{here.get(key)}.")
-  ckpt = checkpointing.Checkpoints(source / "checkpoints")
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"init_from {source}: no checkpoint in "
-                              f"{source / 'checkpoints'}; train it first.")
-    abstract = checkpointing.abstract_like(
-        {
-            "state": setup.state,
-            "best_params": setup.state["params"]
-        }, {
-            "state": setup.state_shardings,
-            "best_params": setup.state_shardings["params"]
-        })
-    restored, _ = ckpt.restore(abstract)
-  finally:
-    ckpt.close()
-  return restored["best_params"]
 
 
 def eval_putter(setup: Setup, pad_id: int):
@@ -517,162 +407,3 @@ def evaluate_split(config: ml_collections.ConfigDict, setup: Setup, step,
     return full_ranking.evaluate(step, params, prompts,
                                  config.eval.batch_size,
                                  eval_putter(setup, data.vocab.pad_id))
-
-
-def load_data(workdir: os.PathLike | str
-             ) -> tuple[ml_collections.ConfigDict, Data]:
-  """(config, Data) of a finished SFT run, its saved vocabulary reused.
-
-  Unlike `prepare` nothing is written into `workdir`: a later stage (RL)
-  reads the SFT run exactly as it was trained.
-  """
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
-  if not (workdir / "vocab").is_dir():
-    raise FileNotFoundError(f"{workdir}: no vocab/ (is it an SFT workdir? "
-                            "train it first).")
-  dataset = build_sids.load_dataset(config)
-  split = dataset.split_leave_one_out(config.max_items)
-  sids = load_sids(config, workdir, dataset)
-  vocab = vocab_lib.Vocab.load(workdir / "vocab")
-  vocab.check_compatible(sids)
-  users = np.arange(1, dataset.num_users + 1)
-  return config, Data(
-      dataset, split, sids, vocab, vocab.item_token_table(sids),
-      sft_data.user_prefixes(dataset, vocab, users, config.max_prefix),
-      history_titles(config, dataset, vocab))
-
-
-def load_decoder(workdir: os.PathLike | str, data: Data):
-  """(decoder with the best-valid parameters, Setup) of a finished SFT run.
-
-  The run's own config.json says the model; `data` must be prepared with
-  the same vocabulary (checked through the parameter shapes on restore).
-  """
-  config = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  model_cfg = model_config(config, data.vocab.size)
-  # Any positive schedule length: only the state structure matters here.
-  setup = build(config, model_cfg, config.train.warmup_steps + 2, mesh,
-                data.sids, data.vocab)
-  params = restore_best_params(workdir, setup, config)
-  return nnx.merge(setup.graphdef, params), setup
-
-
-def check_settings(config: ml_collections.ConfigDict,
-                   prefix: str = "") -> None:
-  """The settings, before any work (`taiji_jax.config_checks`)."""
-  checks.epoch_trainer(config, prefix, sizes=("max_items", "max_prefix"))
-  checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
-
-
-@workdir_lib.one_run_at_a_time(check=check_settings)
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: os.PathLike | str,
-                       *,
-                       data: Data | None = None,
-                       rows: dict[str, np.ndarray] | None = None,
-                       extra_results: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
-  """Fine-tunes the decoder with early stopping on valid; results.json.
-
-  Args:
-    config: an SFT config (`configs/ml100k_sft.py`).
-    workdir: the run's directory (resumes from its checkpoints).
-    data: `prepare(config, ...)` output to reuse (default: prepared here).
-    rows: the training rows {"tokens", "loss_mask"} (default:
-      `training_rows`, the packed next-item rows + alignment rows).
-    extra_results: added to results.json (e.g. how the rows were made).
-
-  With `config.init_from` a fresh run starts from the best parameters of
-  that SFT workdir (a new optimizer state); resuming ignores it.
-  """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  inputs = {"sids": sids_dir(config, workdir)}
-  workdir_lib.check_same_setting(config, "dataset", inputs["sids"], "sids")
-  workdir_lib.write_or_check_config(workdir, config)
-  if config.init_from:
-    inputs["init_from"] = pathlib.Path(config.init_from)
-  workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)
-  if data is None:
-    data = prepare(config, workdir)
-  dataset, split, sids, vocab = data.dataset, data.split, data.sids, data.vocab
-  item_tokens, prefixes, titles = data.item_tokens, data.prefixes, data.titles
-  if rows is None:
-    rows = training_rows(config, dataset, split, vocab, item_tokens, prefixes,
-                         titles)
-  logging.info("dataset %s: %s; %d training rows of %d tokens, vocab %d",
-               dataset.name, dataset.statistics(), len(rows["tokens"]),
-               rows["tokens"].shape[1], vocab.size)
-
-  batch_size = config.train.batch_size
-  steps_per_epoch = num_batches(rows, batch_size, vocab.pad_id,
-                                config.train.length_bucket)
-  total_steps = steps_per_epoch * config.train.num_epochs
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = model_config(config, vocab.size)
-  setup = build(config, model_cfg, total_steps, mesh, sids, vocab, dataset)
-  logging.info("decoder %s: %d parameters", model_cfg,
-               decoder_lib.count_params(model_cfg))
-  ckpt = checkpointing.Checkpoints(workdir / "checkpoints")
-  state, best_params, meta, resumed = fit.resume(
-      ckpt, setup.state, setup.copy_params(setup.state["params"]),
-      setup.state_shardings, fit.initial_meta())
-  if not resumed and config.init_from:
-    state["params"] = restore_best_params(config.init_from, setup, config)
-    best_params = setup.copy_params(state["params"])
-    logging.info("initialised from the best parameters of %s",
-                 config.init_from)
-  writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
-  eval_parts = {
-      part:
-          eval_split(split[part], item_tokens, prefixes, config, vocab.pad_id,
-                      titles) for part in ("valid", "test")
-  }
-
-  put_eval = eval_putter(setup, vocab.pad_id)
-
-  def evaluate(params, part, final=False):
-    step = setup.final_eval_step if final else setup.eval_step
-    return full_ranking.evaluate(step, params, eval_parts[part],
-                                 config.eval.batch_size, put_eval)
-
-  batches = iter(
-      train_batches(rows, config, vocab.pad_id,
-                    sharding.process_rows(mesh, batch_size,
-                                          rules)).to_iter_dataset())
-  with sharding.use_mesh(mesh, rules):
-    out, epochs = fit.fit_epochs(
-        config, f"sft {dataset.name}", steps_per_epoch, state, best_params,
-        meta, batches=batches, checkpoints=ckpt, writer=writer,
-        copy_params=setup.copy_params,
-        evaluate=lambda params: evaluate(params, "valid"),
-        train_step=lambda state, batch, step: setup.train_step(
-            state, setup.put_batch(batch, batch_size)))
-    state, best_params, meta = out.state, out.best_params, out.meta
-    results = {
-        "valid": meta.get("best_valid") or evaluate(best_params, "valid"),
-        "test": evaluate(best_params, "test", final=True),
-        **epochs,
-        "steps": int(state["step"]),
-        "dataset": {
-            "name": dataset.name,
-            "source": dataset.source,
-            **dataset.statistics()
-        },
-        "split": split["counts"],
-        "mask_history": True,
-        "train_rows": int(len(rows["tokens"])),
-        "row_length": int(rows["tokens"].shape[1]),
-        "vocab_size": int(vocab.size),
-        "num_params": int(decoder_lib.count_params(model_cfg)),
-        "sids": str(sids_dir(config, workdir)),
-        "init_from": str(config.init_from),
-        **(extra_results or {}),
-    }
-  ckpt.close()
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", results)
-  return results
