@@ -6,11 +6,11 @@ Each argument is a workdir of experiments/build_sids.py (seeds of one
 config); prints a markdown table, one column per quantizer.
 """
 
-import json
-import pathlib
 import sys
 
 import numpy as np
+
+from taiji_jax.train import metric_writer
 
 ROWS = (
     ("collision rate before resolution",
@@ -39,10 +39,8 @@ def _cell(values, fmt):
 
 
 def main(workdirs):
-  results = [
-      json.loads((pathlib.Path(w) / "results.json").read_text())
-      for w in workdirs
-  ]
+  # The build seconds are in each run's timing.json.
+  results = [metric_writer.read_results(w, timing=True) for w in workdirs]
   names = list(results[0]["reports"])
   print(f"| ({len(results)} runs) | " + " | ".join(names) + " |")
   print("|---" * (len(names) + 1) + "|")

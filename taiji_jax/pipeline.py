@@ -48,8 +48,7 @@ def run_popularity(config: ml_collections.ConfigDict,
       for part in ("valid", "test")
   }
   results["mask_history"] = bool(config.eval.mask_history)
-  metric_writer.write_json_atomic(
-      pathlib.Path(workdir) / "results.json", results)
+  metric_writer.write_results(workdir, results)
   return results
 
 
@@ -116,13 +115,12 @@ def run(config: ml_collections.ConfigDict,
       }
     else:  # a preparation stage (e.g. sids): its own results file
       summary[stage] = {
-          "results": str(workdir / stage / "results.json"),
+          "results": f"{stage}/results.json",
           "seconds": seconds
       }
     if why:
       summary[stage]["rerun_because"] = why
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", summary)
+  metric_writer.write_results(workdir, summary)
   print(format_table(summary, config.report_ks))
   return summary
 

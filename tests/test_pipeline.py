@@ -130,6 +130,19 @@ def test_smoke_pipeline_runs_every_stage_and_prints_them_side_by_side(
   assert "sids: " in table
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["sft"]["test"] == summary["sft"]["test"]
+  # Every results.json is what the run computed, nothing of the machine or
+  # the moment (so two clones write the same bytes): no wall clock, no
+  # absolute path; the times are in timing.json.
+  for path in [tmp_path / "results.json"] + sorted(
+      tmp_path.glob("*/results.json")):
+    text = path.read_text()
+    assert "seconds" not in text and str(tmp_path) not in text, path
+    assert (path.parent / "timing.json").is_file(), path
+  assert json.loads((tmp_path / "timing.json").read_text())["sft"] == {
+      "seconds": summary["sft"]["seconds"]}
+  assert saved["sids"]["results"] == "sids/results.json"
+  assert json.loads((tmp_path / "rl" / "results.json").read_text()
+                   )["sft_workdir"] == "../sft"
 
 
 def test_one_dataset_setting_reaches_every_stage():

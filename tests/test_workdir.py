@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
 _HOLD = """
@@ -111,3 +112,29 @@ def test_an_unfinished_input_is_named(tmp_path):
     workdir_lib.check_inputs(tmp_path / "rl", {"sft": tmp_path / "sft"})
   with pytest.raises(ValueError, match="on_stale_inputs='ignore'"):
     workdir_lib.check_inputs(tmp_path, {}, on_stale="ignore")
+
+
+def test_results_keep_no_wall_clock_and_timing_merges_back(tmp_path):
+  results = {
+      "test": {"ndcg@10": 0.25, "valid/seconds": 2.0},
+      "seconds": 9.5,
+      "reports": {"rq_vae": {"error": 0.1, "seconds": 3.0},
+                  "rq_kmeans": {"error": 0.2}},
+      "train_seconds": 1.0,
+  }
+  metric_writer.write_results(tmp_path, results)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved == {"test": {"ndcg@10": 0.25},
+                   "reports": {"rq_vae": {"error": 0.1},
+                               "rq_kmeans": {"error": 0.2}}}
+  assert json.loads((tmp_path / "timing.json").read_text()) == {
+      "test": {"valid/seconds": 2.0}, "seconds": 9.5,
+      "reports": {"rq_vae": {"seconds": 3.0}}, "train_seconds": 1.0}
+  assert metric_writer.read_results(tmp_path, timing=True) == results
+  assert metric_writer.read_results(tmp_path) == saved
+
+
+def test_inputs_are_recorded_relative_to_the_run(tmp_path):
+  assert workdir_lib.relative(tmp_path / "a" / "sids", tmp_path / "a" /
+                              "sft") == "../sids"
+  assert workdir_lib.relative("", tmp_path) == ""

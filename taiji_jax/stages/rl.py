@@ -407,11 +407,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "weighting": config.weighting,
       "final_weights": dict(
           zip(names, np.asarray(state["reward_weights"]).tolist())),
-      "sft_workdir": str(src),
+      "sft_workdir": workdir_lib.relative(src, workdir),
       "seconds": time.perf_counter() - start,
   }
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", results)
+  metric_writer.write_results(workdir, results)
   return results
 
 

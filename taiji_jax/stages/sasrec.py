@@ -177,6 +177,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                   setup.put_batch),
     }
   ckpt.close()
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", results)
+  metric_writer.write_results(workdir, results)
   return results

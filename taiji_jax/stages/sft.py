@@ -38,7 +38,6 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 
@@ -180,11 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "row_length": int(rows["tokens"].shape[1]),
         "vocab_size": int(vocab.size),
         "num_params": int(decoder_lib.count_params(model_cfg)),
-        "sids": str(artifacts.sids_dir(config, workdir)),
-        "init_from": str(config.init_from),
+        "sids": workdir_lib.relative(artifacts.sids_dir(config, workdir), workdir),
+        "init_from": workdir_lib.relative(config.init_from, workdir),
         **(extra_results or {}),
     }
   ckpt.close()
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", results)
+  metric_writer.write_results(workdir, results)
   return results

@@ -259,7 +259,6 @@ def run(config: ml_collections.ConfigDict,
       },
       "reports": reports,
   }
-  if jax.process_index() == 0:
-    metric_writer.write_json_atomic(workdir / "results.json", results)
+  metric_writer.write_results(workdir, results)
   print(quality.format_reports(reports))
   return results

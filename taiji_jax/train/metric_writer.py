@@ -67,3 +67,65 @@ def write_json_atomic(path: os.PathLike | str, payload: Any) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
+
+
+RESULTS_FILE = "results.json"
+TIMING_FILE = "timing.json"
+
+
+def _is_clock(key: str) -> bool:
+  return key == "seconds" or key.endswith(("/seconds", "_seconds"))
+
+
+def split_clock(tree: Any) -> tuple[Any, Any]:
+  """(tree without wall-clock entries, those entries at the same paths).
+
+  A wall-clock entry is a key `seconds`, `*/seconds` or `*_seconds` at any
+  depth; an emptied branch is dropped from the second tree.
+  """
+  if not isinstance(tree, dict):
+    return tree, None
+  kept, clock = {}, {}
+  for k, v in tree.items():
+    if _is_clock(str(k)):
+      clock[k] = v
+      continue
+    kept[k], sub = split_clock(v)
+    if sub:
+      clock[k] = sub
+  return kept, clock
+
+
+def write_results(workdir: os.PathLike | str, results: dict[str, Any]) -> None:
+  """A stage's results.json and, apart, its timing.json (process 0).
+
+  results.json holds what the run computed and nothing of the machine or
+  the moment: the same config and inputs give a byte-identical file on any
+  day, in any clone. The wall-clock entries (`split_clock`) go to
+  timing.json.
+  """
+  if jax.process_index() != 0:
+    return
+  kept, clock = split_clock(results)
+  workdir = pathlib.Path(workdir)
+  write_json_atomic(workdir / RESULTS_FILE, kept)
+  write_json_atomic(workdir / TIMING_FILE, clock or {})
+
+
+def _merge(a: Any, b: Any) -> Any:
+  if not isinstance(a, dict) or not isinstance(b, dict):
+    return b if b is not None else a
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(a.get(k), v)
+  return out
+
+
+def read_results(workdir: os.PathLike | str,
+                 timing: bool = False) -> dict[str, Any]:
+  """A run's results.json, with its timing.json merged back if asked."""
+  workdir = pathlib.Path(workdir)
+  results = json.loads((workdir / RESULTS_FILE).read_text())
+  if timing and (workdir / TIMING_FILE).is_file():
+    results = _merge(results, json.loads((workdir / TIMING_FILE).read_text()))
+  return results

@@ -279,6 +279,16 @@ def check_same_setting(config: ml_collections.ConfigDict, key: str,
         f"of this {key}.")
 
 
+def relative(path: os.PathLike | str | None,
+             workdir: os.PathLike | str) -> str:
+  """`path` relative to `workdir` ("" for none), as results.json records
+  an input run: the same in every clone of the experiment."""
+  if not path:
+    return ""
+  return os.path.relpath(pathlib.Path(path).absolute(),
+                         pathlib.Path(workdir).absolute())
+
+
 def read_config(workdir: os.PathLike | str) -> dict[str, Any]:
   """The config a run saved in `<workdir>/config.json`, as a dict.
 
