@@ -12,12 +12,10 @@ only used when it is already in the model cache.
 import pathlib
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from taiji_jax.data import fetch
 from taiji_jax.models import decoder
 from taiji_jax.models import gguf_import
 from taiji_jax.models import hf_import
@@ -155,10 +153,7 @@ def test_lm_encoder_is_the_last_prompt_token_state(tmp_path):
 
 
 def _cached_smollm2():
-  p = gguf_import.PRETRAINED["SmolLM2-135M-Instruct"]
-  f = fetch.model_cache_root() / "SmolLM2-135M-Instruct" / pathlib.Path(
-      p.member).name
-  return f if f.is_file() else None
+  return gguf_import.cached_pretrained("SmolLM2-135M-Instruct")
 
 
 @pytest.mark.slow

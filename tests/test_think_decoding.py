@@ -153,10 +153,14 @@ def _think_then_recommend(model, sids, **static):
 
 
 def test_think_token_mask_is_text_plus_stop():
-  mask = think.think_token_mask(V, TEXT, THINK_END)
+  mask = think.think_token_mask(np.arange(V) >= TEXT, THINK_END)
   assert mask.shape == (V,) and mask.dtype == bool
   np.testing.assert_array_equal(np.flatnonzero(mask), [THINK_END] +
                                 list(range(TEXT, V)))
+  # Wherever the text ids lie: a pretrained tokenizer's come first.
+  first = think.think_token_mask(np.arange(V) < 10, THINK_END)
+  np.testing.assert_array_equal(np.flatnonzero(first),
+                                sorted(set(range(10)) | {THINK_END}))
 
 
 def test_greedy_think_then_recommend_matches_uncached_reference(
@@ -259,7 +263,7 @@ def test_format_check_flags_each_violation(sids):
   assert tokens[-1, -1] == c  # the truncated row ends at its last SID token
   run = jax.jit(lambda t: think.format_check(
       t, sids.trie, OFFSETS, **MARKERS, answer_end_id=ANSWER_END,
-      text_offset=TEXT))
+      text_mask_v=np.arange(V) >= TEXT))
   flags = jax.tree.map(np.asarray, run(jnp.asarray(tokens)))
   names = ("think_open", "think_closed", "answer", "compliant")
   assert set(flags) == set(names)

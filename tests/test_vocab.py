@@ -77,6 +77,10 @@ def test_layout_and_size_accounting(vocab):
   assert vocab.text_offset == n_special + sum(SIZES)
   assert vocab.size == n_special + sum(SIZES) + vocab.num_text_pieces
   assert 300 < vocab.num_text_pieces <= VOCAB_SIZE
+  # The text ids, as every caller asks for them (never by offset).
+  np.testing.assert_array_equal(
+      np.flatnonzero(vocab.text_mask()),
+      np.arange(vocab.text_offset, vocab.size))
   assert [vocab.sid_id_range(l) for l in range(4)] == [(8, 72), (72, 136),
                                                        (136, 200), (200, 203)]
   assert (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.unk_id,

@@ -105,8 +105,7 @@ class LMTeacher(teachers_lib.Teacher):
     users = np.arange(1, dataset.num_users + 1)
     self._prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix)
     self._allowed = jnp.asarray(
-        think_lib.think_token_mask(vocab.size, vocab.text_offset,
-                                   vocab.think_end_id))
+        think_lib.think_token_mask(vocab.text_mask(), vocab.think_end_id))
     self._titles = dataset.item_features.get("title")
 
   def prompts(self, users: Sequence[int], histories: np.ndarray,

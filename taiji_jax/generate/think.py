@@ -73,11 +73,10 @@ class ThinkDecoded(NamedTuple):
   thought: Thought
 
 
-def think_token_mask(vocab_size: int, text_offset: int,
-                     stop_id: int) -> np.ndarray:
-  """(V,) bool: the tokens a rationale may hold (text pieces) + the stop."""
-  mask = np.zeros(vocab_size, bool)
-  mask[text_offset:] = True
+def think_token_mask(text_mask_v: np.ndarray, stop_id: int) -> np.ndarray:
+  """(V,) bool: the tokens a rationale may hold (the vocabulary's text ids,
+  `vocab.text_mask()`, wherever they lie) + the stop."""
+  mask = np.array(text_mask_v, bool)
   mask[stop_id] = True
   return mask
 
@@ -320,14 +319,14 @@ def free_generate(decoder,
 def format_check(tokens_bn: jax.Array, trie: Sequence[sid_lib.TrieLevel],
                  level_offsets: Sequence[int], *, think_id: int,
                  think_end_id: int, answer_id: int, answer_end_id: int,
-                 text_offset: int) -> dict[str, jax.Array]:
+                 text_mask_v) -> dict[str, jax.Array]:
   """Per-row checks of `<think> text </think><answer> SID </answer>`.
 
   Args:
     tokens_bn: (B, N) a generation from the bare prompt (`free_generate`).
     trie, level_offsets: the SIDs and their token layout.
-    think_id, ..., answer_end_id: marker ids; text_offset: the first text
-      piece id (`Vocab.text_offset`).
+    think_id, ..., answer_end_id: marker ids.
+    text_mask_v: (V,) bool, the text ids (`vocab.text_mask()`).
 
   Returns:
     {name: (B,) float32 in {0, 1}}:
@@ -346,7 +345,9 @@ def format_check(tokens_bn: jax.Array, trie: Sequence[sid_lib.TrieLevel],
   end_b = jnp.where(has_end, jnp.argmax(is_end_bn[:, 1:], axis=1) + 1, n)
   opened = tokens_bn[:, 0] == think_id
   inside_bn = (pos_n[None] >= 1) & (pos_n[None] < end_b[:, None])
-  text_only = ~jnp.any(inside_bn & (tokens_bn < text_offset), axis=1)
+  is_text_bn = jnp.asarray(text_mask_v)[jnp.clip(tokens_bn, 0,
+                                                  len(text_mask_v) - 1)]
+  text_only = ~jnp.any(inside_bn & ~is_text_bn, axis=1)
   closed = opened & has_end & text_only
 
   def at(offset):

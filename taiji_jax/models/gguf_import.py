@@ -73,6 +73,17 @@ PRETRAINED: dict[str, Pretrained] = {
 }
 
 
+def cached_pretrained(name: str) -> pathlib.Path | None:
+  """The cached file of a named GGUF model, or None when not fetched yet
+  (never fetches; tests that need the real model skip without it)."""
+  if name not in PRETRAINED:
+    raise ValueError(f"unknown pretrained GGUF model {name!r}; known: "
+                     f"{sorted(PRETRAINED)}.")
+  path = fetch.model_cache_root() / name / pathlib.PurePosixPath(
+      PRETRAINED[name].member).name
+  return path if path.is_file() else None
+
+
 def resolve_pretrained(name: str) -> pathlib.Path:
   """The local path of a named GGUF model, fetched and verified if needed.
 

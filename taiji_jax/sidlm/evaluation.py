@@ -117,8 +117,7 @@ def make_eval_step(config: ml_collections.ConfigDict,
   if think:
     settings = think_settings(config)
     allowed_v = jnp.asarray(
-        think_lib.think_token_mask(vocab.size, vocab.text_offset,
-                                   vocab.think_end_id))
+        think_lib.think_token_mask(vocab.text_mask(), vocab.think_end_id))
     # The free generation's budget: the rationale, 2 markers around it, the
     # answer marker, the SID and </answer>.
     free_budget = settings["max_think"] + 4 + len(trie)
@@ -163,7 +162,7 @@ def make_eval_step(config: ml_collections.ConfigDict,
             offsets,
             **markers,
             answer_end_id=vocab.answer_end_id,
-            text_offset=vocab.text_offset)
+            text_mask_v=vocab.text_mask())
         out.update({f"format/{k}": v for k, v in checks.items()})
     else:
       decoded = recommend_lib.recommend(

@@ -41,6 +41,7 @@ from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.sidlm import evaluation
 from taiji_jax.sidlm import rows as rows_lib
+from taiji_jax.text import sid_tokens
 from taiji_jax.text import vocab as vocab_lib
 from taiji_jax.train import optimizer
 from taiji_jax.train import train_state
@@ -309,7 +310,7 @@ def build(config: ml_collections.ConfigDict,
           total_steps: int,
           mesh: jax.sharding.Mesh,
           sids: sid_lib.SemanticIds,
-          vocab: vocab_lib.Vocab,
+          vocab: sid_tokens.SidTokens,
           dataset=None) -> Setup:
   """Abstract init -> shardings -> sharded init and jitted steps.
 
@@ -377,7 +378,7 @@ class Data:
   dataset: Any
   split: dict
   sids: sid_lib.SemanticIds
-  vocab: vocab_lib.Vocab
+  vocab: sid_tokens.SidTokens  # Vocab or PretrainedVocab
   item_tokens: np.ndarray
   prefixes: dict
   titles: list | None

@@ -33,7 +33,8 @@ from taiji_jax.models import sasrec
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.sidlm import task
-from taiji_jax.text import vocab as vocab_lib
+from taiji_jax.text import pretrained_vocab
+from taiji_jax.text import sid_tokens
 from taiji_jax.train import checkpointing
 from taiji_jax.train import optimizer
 from taiji_jax.train import workdir as workdir_lib
@@ -152,7 +153,7 @@ def load_sids(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
 
 
 def task_data(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
-              vocab: vocab_lib.Vocab, ds=None) -> task.Data:
+              vocab: sid_tokens.SidTokens, ds=None) -> task.Data:
   """The SID-LM `task.Data` of an SFT config with a given vocabulary."""
   ds = dataset(config) if ds is None else ds
   split_ = ds.split_leave_one_out(config.max_items)
@@ -178,7 +179,7 @@ def sft_run(workdir: os.PathLike | str
     raise FileNotFoundError(f"{workdir}: no vocab/ (is it an SFT workdir? "
                             "train it first).")
   return config, task_data(config, workdir,
-                           vocab_lib.Vocab.load(workdir / "vocab"))
+                           pretrained_vocab.load_vocab(workdir / "vocab"))
 
 
 def sft_best_params(source: os.PathLike | str, setup: task.Setup,

@@ -279,8 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   allowed_v, markers = None, None
   if rcfg.think:
     allowed_v = jnp.asarray(
-        think_lib.think_token_mask(vocab.size, vocab.text_offset,
-                                   vocab.think_end_id))
+        think_lib.think_token_mask(vocab.text_mask(), vocab.think_end_id))
     markers = dict(
         think_id=vocab.think_id,
         think_end_id=vocab.think_end_id,
