@@ -66,6 +66,12 @@ def test_gguf_logits_match_transformers(tmp_path, name):
   ref = _reference(name)
   diff = np.abs(np.asarray(_forward(model, ref["tokens"])) - ref["logits"])
   assert diff.max() <= TOL, diff.max()
+  # The one loader of the contract reads the GGUF file too.
+  again_cfg, again = hf_import.load_hf_checkpoint(
+      path, rope_scaling=hf_cfg.rope_scaling)
+  assert again_cfg == cfg
+  np.testing.assert_array_equal(_forward(again, ref["tokens"]),
+                                _forward(model, ref["tokens"]))
 
 
 def test_without_the_unpermutation_llama_logits_are_wrong(tmp_path,

@@ -4,7 +4,7 @@
 every tensor to float32 with the `gguf` package (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, K-quants: whatever `gguf.quants.dequantize` knows) and loads
 it through the same layout and checks as Hugging Face checkpoints
-(`hf_import.hf_layout`): the GGUF tensor names are mapped to the HF ones
+(`decoder_layout.hf_layout`): the GGUF tensor names are mapped to the HF ones
 first, so one error lists every missing, unexpected or mis-shaped tensor.
 
 Two things differ from a transformers checkpoint and are undone here:
@@ -43,7 +43,7 @@ from taiji_jax import sharding
 from taiji_jax.data import fetch
 from taiji_jax.models import checkpoint_io
 from taiji_jax.models import decoder as decoder_lib
-from taiji_jax.models import hf_import
+from taiji_jax.models import decoder_layout
 
 CheckpointError = checkpoint_io.CheckpointError
 ARCHITECTURES = ("llama", "qwen2")
@@ -249,7 +249,7 @@ def config_from_metadata(meta: Mapping[str, Any], path: pathlib.Path,
 
 
 def hf_names(num_layers: int) -> dict[str, str]:
-  """GGUF tensor name -> the HF name `hf_import.hf_layout` uses."""
+  """GGUF tensor name -> the HF name `decoder_layout.hf_layout` uses."""
   out = {
       "token_embd.weight": "model.embed_tokens.weight",
       "output_norm.weight": "model.norm.weight",
@@ -318,7 +318,8 @@ def load_gguf(
   Args:
     path: a .gguf file, or a name in `PRETRAINED`.
     dtype: parameter and activation dtype (None: float32).
-    mesh, rules: as `hf_import.load_hf_checkpoint`.
+    mesh, rules: as `hf_import.load_hf_checkpoint` (which also reads
+      .gguf files, through this function).
     **overrides: `DecoderConfig` fields on top of the file's metadata.
 
   Returns:
@@ -341,11 +342,11 @@ def load_gguf(
   overrides.setdefault("tie_embeddings", "output.weight" not in f.names)
   cfg = config_from_metadata(f.metadata, f.path, rows, **overrides)
   view = _HFView(f, cfg)
-  layout = hf_import.hf_layout(cfg)
+  layout = decoder_layout.hf_layout(cfg)
   checkpoint_io.check_tensors(
       f.path, view.shapes, layout, model_name=_MODEL_NAME,
       originals=view.shown)
-  model = hf_import.fill_decoder(cfg, layout, {k: view for k in layout}, mesh,
+  model = decoder_layout.fill_decoder(cfg, layout, {k: view for k in layout}, mesh,
                                  rules)
   logging.info("loaded %s (%d layers, vocab %d) from %s", _MODEL_NAME,
                cfg.num_layers, cfg.vocab_size, f.path)

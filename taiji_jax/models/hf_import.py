@@ -34,11 +34,12 @@ from typing import Any, Callable
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from taiji_jax import sharding
 from taiji_jax.models import checkpoint_io
 from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.models import decoder_layout
+from taiji_jax.models import gguf_import
 
 CheckpointError = checkpoint_io.CheckpointError
 CONFIG_FILE = "config.json"
@@ -47,63 +48,9 @@ INDEX_FILE = "model.safetensors.index.json"
 _MODEL_NAME = "Llama/Qwen2 decoder"
 
 
-def hf_layout(cfg: decoder_lib.DecoderConfig) -> dict[str, checkpoint_io.TensorSpec]:
-  """HF tensor name -> where (and in which layout) the decoder holds it.
-
-  `lm_head.weight` is only listed for untied models; tied checkpoints
-  reuse `model.embed_tokens.weight`.
-  """
-  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  f, v = cfg.intermediate_size, cfg.vocab_size
-  spec = checkpoint_io.TensorSpec
-  same = lambda x: x
-  transpose = lambda w: w.T
-
-  def split_heads(heads):  # (heads * H, D) -> (D, heads, H)
-    return lambda w: w.T.reshape(d, heads, h)
-
-  def split_bias(heads):  # (heads * H,) -> (heads, H)
-    return lambda b: b.reshape(heads, h)
-
-  layout = {
-      "model.embed_tokens.weight": spec(("embed",), (v, d), same),
-      "model.norm.weight": spec(("final_norm", "scale"), (d,), same),
-  }
-  if not cfg.tie_embeddings:
-    layout["lm_head.weight"] = spec(("lm_head",), (v, d), transpose)
-  for i in range(cfg.num_layers):
-    hf, ours = f"model.layers.{i}.", ("blocks", i)
-    attn, mlp = ours + ("attn",), ours + ("mlp",)
-    layout.update({
-        f"{hf}input_layernorm.weight":
-            spec(ours + ("attn_norm", "scale"), (d,), same),
-        f"{hf}post_attention_layernorm.weight":
-            spec(ours + ("mlp_norm", "scale"), (d,), same),
-        f"{hf}self_attn.q_proj.weight":
-            spec(attn + ("w_q",), (n * h, d), split_heads(n)),
-        f"{hf}self_attn.k_proj.weight":
-            spec(attn + ("w_k",), (k * h, d), split_heads(k)),
-        f"{hf}self_attn.v_proj.weight":
-            spec(attn + ("w_v",), (k * h, d), split_heads(k)),
-        f"{hf}self_attn.o_proj.weight":
-            spec(attn + ("w_o",), (d, n * h), lambda w: w.T.reshape(n, h, d)),
-        f"{hf}mlp.gate_proj.weight":
-            spec(mlp + ("w_gate",), (f, d), transpose),
-        f"{hf}mlp.up_proj.weight":
-            spec(mlp + ("w_up",), (f, d), transpose),
-        f"{hf}mlp.down_proj.weight":
-            spec(mlp + ("w_down",), (d, f), transpose),
-    })
-    if cfg.attention_bias:
-      layout.update({
-          f"{hf}self_attn.q_proj.bias":
-              spec(attn + ("b_q",), (n * h,), split_bias(n)),
-          f"{hf}self_attn.k_proj.bias":
-              spec(attn + ("b_k",), (k * h,), split_bias(k)),
-          f"{hf}self_attn.v_proj.bias":
-              spec(attn + ("b_v",), (k * h,), split_bias(k)),
-      })
-  return layout
+# The decoder's HF tensor layout, shared with the GGUF reader.
+hf_layout = decoder_layout.hf_layout
+fill_decoder = decoder_layout.fill_decoder
 
 
 def _ignored(cfg: decoder_lib.DecoderConfig) -> Callable[[str], bool]:
@@ -181,11 +128,14 @@ def load_hf_checkpoint(
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.Rules | None = None,
     **overrides) -> tuple[decoder_lib.DecoderConfig, decoder_lib.Decoder]:
-  """Loads a Llama / Qwen2 checkpoint directory into a `Decoder`.
+  """Loads a Llama / Qwen2 checkpoint into a `Decoder`.
 
   Args:
     path: a directory holding `config.json` and `model.safetensors`, or
-      shards named by `model.safetensors.index.json`.
+      shards named by `model.safetensors.index.json`; or a `.gguf` file (or
+      a `gguf_import.PRETRAINED` name), read by `gguf_import.load_gguf`:
+      dequantized, Llama's Q/K rows un-permuted, the config from its
+      metadata.
     dtype: parameter storage and activation dtype ("bfloat16", jnp.bfloat16,
       ...); tensors are cast from the checkpoint's dtype. None keeps the
       config defaults, float32 for both, which reproduces transformers'
@@ -210,9 +160,14 @@ def load_hf_checkpoint(
       the message names the file and every offending tensor.
     NotImplementedError: an architecture or option the decoder lacks.
   """
+  if str(path).endswith(".gguf") or (not os.path.exists(path) and
+                                     str(path) in gguf_import.PRETRAINED):
+    return gguf_import.load_gguf(
+        path, dtype=dtype, mesh=mesh, rules=rules, **overrides)
   directory = pathlib.Path(path)
   if not directory.is_dir():
-    raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    raise FileNotFoundError(f"{directory}: no such checkpoint directory "
+                            "(or .gguf file)")
   if dtype is not None:
     name = jnp.dtype(dtype).name
     overrides = {"dtype": name, "param_dtype": name, **overrides}
@@ -247,42 +202,6 @@ def load_hf_checkpoint(
   logging.info("loaded %s (%s, %d layers, vocab %d) from %s", _MODEL_NAME,
                cfg.param_dtype, cfg.num_layers, cfg.vocab_size, directory)
   return cfg, model
-
-
-def fill_decoder(
-    cfg: decoder_lib.DecoderConfig,
-    layout: dict[str, checkpoint_io.TensorSpec],
-    file_of: dict[str, checkpoint_io.SafetensorsFile],
-    mesh: jax.sharding.Mesh | None,
-    rules: sharding.Rules | None,
-) -> decoder_lib.Decoder:
-  """Builds the decoder abstractly, then sets each parameter from its file."""
-  model = decoder_lib.abstract_decoder(cfg)
-  params = nnx.state(model, nnx.Param)
-  wanted = {p for p, _ in nnx.to_flat_state(params)}
-  mapped = {s.path for s in layout.values()}
-  if wanted != mapped:  # The decoder gained or renamed a parameter.
-    raise RuntimeError(
-        "hf_layout does not match the Decoder's parameters: unmapped "
-        f"{sorted(map(str, wanted - mapped))}, unknown "
-        f"{sorted(map(str, mapped - wanted))}")
-  shardings = {}
-  if mesh is not None:
-    shardings = dict(
-        nnx.to_flat_state(sharding.tree_shardings(params, mesh, rules)))
-  for key, spec in layout.items():
-    param = checkpoint_io.param_at(model, spec.path)
-    target = param.get_value()  # A ShapeDtypeStruct.
-    value = np.asarray(spec.convert(file_of[key].read(key)), target.dtype)
-    if mesh is None:
-      param.set_value(jax.device_put(value))
-    else:
-      param.set_value(
-          jax.make_array_from_callback(
-              value.shape,
-              shardings[spec.path].get_value(),
-              lambda index, value=value: value[index]))
-  return model
 
 
 # ------------------------------------------------------------ vocabulary ---

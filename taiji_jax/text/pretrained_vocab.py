@@ -13,7 +13,7 @@ tokens are new ids [T, size) after it:
   [T + n_s, size)     SID tokens level by level
 
 so the checkpoint's embedding (and tied head) keeps its T rows as they are
-and grows by the new ones (`models.decoder.extend_vocab`). The text ids are
+and grows by the new ones (`models.hf_import.extend_vocab`). The text ids are
 [0, T) without the tokenizer's special tokens (`text_mask`): a rationale may
 hold words, not a chat marker or a SID.
 
