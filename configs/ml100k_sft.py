@@ -88,6 +88,10 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0
   c.train.patience = 2  # evaluations without valid improvement.
   c.train.checkpoint_every_epochs = 1
+  # Frozen parameters (train/optimizer.py): the lower n decoder blocks, and
+  # regular expressions over parameter paths ("^embed", "blocks/0/attn/").
+  c.train.freeze_layers = 0
+  c.train.freeze = ()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)

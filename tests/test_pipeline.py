@@ -59,6 +59,7 @@ def test_unknown_stage_is_an_error(tmp_path):
      "rl.eval.early_stop_metric='ndcg@11': not a metric"),
     ({"sasrec.train.batch_size": 0}, "sasrec.train.batch_size=0: must be"),
     ({"sft.train.lr": -1e-3}, "sft.train.lr=-0.001: must be a number > 0"),
+    ({"sft.train.freeze_layers": -2}, "sft.train.freeze_layers must be >= 0"),
     ({"rl.weighting": "popoo"}, "rl: unknown reward weighting .popoo."),
 ])
 def test_a_bad_setting_in_any_stage_fails_before_anything_runs(

@@ -50,6 +50,7 @@ from taiji_jax.stages import artifacts
 from taiji_jax.train import checkpointing
 from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
+from taiji_jax.train import optimizer
 from taiji_jax.train import workdir as workdir_lib
 
 
@@ -75,6 +76,10 @@ def check_settings(config: ml_collections.ConfigDict,
   """The settings, before any work (`taiji_jax.config_checks`)."""
   checks.epoch_trainer(config, prefix, sizes=("max_items", "max_prefix"))
   checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
+  try:
+    optimizer.frozen_patterns(config)
+  except ValueError as e:
+    raise checks.ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 
 
 @workdir_lib.one_run_at_a_time(check=check_settings)

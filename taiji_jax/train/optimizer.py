@@ -1,9 +1,80 @@
-"""The optimizer of every trainer (SASRec, SFT, RL), built from its config."""
+"""The optimizer of every trainer (SASRec, SFT, RL), built from its config.
+
+AdamW with warmup and decay, gradient clipping, and optionally frozen
+parameters (a pretrained model fine-tuned with its lower layers fixed):
+`config.train.freeze_layers` = n freezes decoder blocks 0..n-1, and
+`config.train.freeze` holds regular expressions matched against each
+parameter's path ("blocks/3/attn/w_q", "embed", "final_norm/scale"). Frozen
+parameters get a zero update and keep no optimizer moments
+(`optax.multi_transform`), so they cost no optimizer memory; their gradients
+are still computed (the backward pass runs through them to the layers
+above).
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any, Sequence
+
+import jax
 import ml_collections
 import optax
+
+FROZEN, TRAINED = "frozen", "trained"
+
+
+def param_path(path: Sequence[Any]) -> str:
+  """"blocks/3/attn/w_q" for a pytree key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  if len(parts) > 1 and parts[-1] == "value":  # an nnx.Variable's array
+    parts.pop()
+  return "/".join(parts)
+
+
+def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The regular expressions of the frozen parameters' paths."""
+  t = config.train
+  layers = int(t.get("freeze_layers", 0) or 0)
+  if layers < 0:
+    raise ValueError(f"train.freeze_layers must be >= 0, got {layers}.")
+  own = tuple(t.get("freeze", ()) or ())
+  for p in own:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"train.freeze: {p!r} is not a regular "
+                       f"expression ({e}).") from None
+  return own + tuple(rf"blocks/{i}/" for i in range(layers))
+
+
+def labels(params: Any, patterns: Sequence[str]) -> Any:
+  """FROZEN or TRAINED for every leaf of `params` (by `param_path`).
+
+  Raises:
+    ValueError: a pattern that matches no parameter (a typo, or more frozen
+      layers than the model has), naming it and some of the paths.
+  """
+  compiled = [re.compile(p) for p in patterns]
+  paths = [
+      param_path(path) + "/"
+      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  unused = [p for p, c in zip(patterns, compiled)
+            if not any(c.search(x) for x in paths)]
+  if unused:
+    raise ValueError(f"train.freeze / freeze_layers: {unused} match "
+                     f"no parameter; paths look like {paths[:3]}.")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: FROZEN if any(
+          c.search(param_path(path) + "/") for c in compiled) else TRAINED,
+      params)
 
 
 def from_config(config: ml_collections.ConfigDict,
@@ -11,8 +82,9 @@ def from_config(config: ml_collections.ConfigDict,
   """AdamW with linear warmup and constant or cosine decay, grad clipping.
 
   Reads config.train: lr, warmup_steps, schedule ("cosine" | "constant"),
-  grad_clip (0: none), b1, b2, weight_decay. `total_steps` is the number of
-  updates the schedule spans.
+  grad_clip (0: none), b1, b2, weight_decay, and optionally freeze_layers
+  and freeze (module docstring). `total_steps` is the number of updates the
+  schedule spans.
   """
   t = config.train
   warmup = min(t.warmup_steps, max(total_steps - 1, 0))
@@ -31,4 +103,12 @@ def from_config(config: ml_collections.ConfigDict,
   if t.grad_clip:
     chain.append(optax.clip_by_global_norm(t.grad_clip))
   chain.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  patterns = frozen_patterns(config)
+  if not patterns:
+    return tx
+  # Clipping sees the trained parameters' gradients only.
+  return optax.multi_transform({
+      TRAINED: tx,
+      FROZEN: optax.set_to_zero()
+  }, lambda params: labels(params, patterns))

@@ -1,0 +1,78 @@
+"""The optimizer from config: frozen layers and patterns change nothing of
+what they freeze, keep no optimizer moments for it, and train the rest."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.sidlm import task
+from taiji_jax.train import optimizer
+from taiji_jax.train import train_state
+
+
+def _config(**train):
+  return ml_collections.ConfigDict({
+      "train": dict(lr=1e-2, warmup_steps=1, schedule="constant",
+                    grad_clip=1.0, b1=0.9, b2=0.98, weight_decay=0.01,
+                    **train)
+  })
+
+
+def _steps(config, steps=2):
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16)
+  tx = optimizer.from_config(config, 10)
+  graphdef, init = task.state_init_fn(cfg, tx, seed=0)
+  state = init()
+  before = jax.tree.map(np.asarray, state["params"])
+  step = jax.jit(task.make_train_step(graphdef, tx, pad_id=0))
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    tokens = jnp.asarray(rng.integers(1, 40, (4, 12)), jnp.int32)
+    state, _ = step(state, {"tokens": tokens, "loss_mask": tokens > 10})
+  changed = {
+      optimizer.param_path(path): not np.array_equal(a, np.asarray(b))
+      for (path, a), b in zip(
+          jax.tree_util.tree_flatten_with_path(before)[0],
+          jax.tree.leaves(state["params"]))
+  }
+  return changed, state
+
+
+def _moments(state):
+  return sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+
+
+def test_frozen_lower_layers_do_not_move_and_keep_no_moments():
+  every, full = _steps(_config())
+  assert all(every.values())
+  changed, state = _steps(_config(freeze_layers=1))
+  frozen = {p for p in changed if p.startswith("blocks/0/")}
+  assert frozen and not any(changed[p] for p in frozen)
+  assert all(v for p, v in changed.items() if p not in frozen)
+  frozen_size = sum(
+      np.size(x) for path, x in jax.tree_util.tree_flatten_with_path(
+          state["params"])[0]
+      if optimizer.param_path(path).startswith("blocks/0/"))
+  # AdamW keeps two moments per trained parameter, none per frozen one.
+  assert _moments(full) - _moments(state) == 2 * frozen_size
+
+
+def test_freeze_patterns_fix_the_embedding():
+  changed, _ = _steps(_config(freeze=("^embed",)))
+  assert "embed" in changed and not changed["embed"]
+  assert any(v for p, v in changed.items() if p.startswith("blocks/"))
+
+
+@pytest.mark.parametrize("train, match", [
+    (dict(freeze=("blocks/9/",)), "match no parameter"),
+    (dict(freeze_layers=5), "match no parameter"),
+    (dict(freeze=("(",)), "not a regular expression"),
+    (dict(freeze_layers=-1), ">= 0"),
+])
+def test_bad_freeze_settings_are_named(train, match):
+  with pytest.raises(ValueError, match=match):
+    _steps(_config(**train), steps=1)
