@@ -64,6 +64,10 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "small"  # a DecoderConfig preset, then the overrides.
+  # Or a pretrained checkpoint (a .gguf file, "SmolLM2-135M-Instruct", a
+  # Hugging Face directory): its tokenizer, config and weights; the preset
+  # is then unused and the overrides apply on top of its config.
+  c.model.pretrained = ""
   c.model.overrides = ml_collections.ConfigDict(
       dict(
           hidden_size=128,

@@ -168,3 +168,15 @@ def test_smollm2_tokenizer_with_sids():
   assert vocab.decode(ids) == text
   assert vocab.tokenizer.token_to_id("<|im_end|>") in ids
   assert not vocab.text_mask()[vocab.tokenizer.token_to_id("<|im_end|>")]
+
+
+def test_new_ids_start_after_a_padded_embedding(pretrained):
+  t = pretrained.num_text_pieces
+  padded = pv.PretrainedVocab(pretrained.tokenizer, SIZES, first_free=t + 5)
+  assert padded.pad_id == t + 5 and padded.size == t + 5 + 8 + sum(SIZES)
+  assert padded.encode(TEXT + "<a_1>")[:-1] == pretrained.encode(TEXT)
+  assert not padded.text_mask()[t:t + 5].any()
+  with pytest.raises(sid_tokens.VocabError, match="unused embedding rows"):
+    padded.decode([t + 1])
+  with pytest.raises(sid_tokens.VocabError, match="inside the tokenizer"):
+    pv.PretrainedVocab(pretrained.tokenizer, SIZES, first_free=t - 1)

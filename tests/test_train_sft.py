@@ -10,13 +10,17 @@ import pytest
 
 from taiji_jax import config_lib
 from taiji_jax import sharding
+from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.models import gguf_import
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.sidlm import task
 from taiji_jax.stages import artifacts
 from taiji_jax.stages import sft as sft_stage
 from taiji_jax.stages import sids as sids_stage
+from taiji_jax.testing import gguf as gguf_testing
 from taiji_jax.testing import runs
+from taiji_jax.text import pretrained_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -255,3 +259,46 @@ def test_history_titles_lengthen_rows_but_not_the_loss(small_setup):
   assert longer["tokens"].shape[1] == task.row_length(titled, levels)
   assert task.row_length(titled, levels) > task.row_length(config, levels)
   assert longer["loss_mask"].sum() == rows["loss_mask"].sum()
+
+
+def test_sft_from_a_pretrained_checkpoint_keeps_its_tokenizer_and_weights(
+    tmp_path):
+  """`model.pretrained`: a tiny Llama GGUF (byte-level BPE tokenizer, 300
+  embedding rows) is the text vocabulary and the starting point; the markers and SIDs are new rows after its 300, the old rows start
+  as the checkpoint's, and the smoke run trains and ranks."""
+  sids_stage.run(
+      _config("ml100k_sids.py", "smoke", **{
+          "representation.weights.collaborative": 0.0,
+          "quantizers": ("rq_kmeans",),
+          "default": "rq_kmeans",
+      }), tmp_path / "sids")
+  lm_cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
+  path = tmp_path / "lm.gguf"
+  gguf_testing.write_gguf(path, lm_cfg,
+                          decoder_lib.Decoder(lm_cfg, rngs=nnx.Rngs(0)))
+  config = _config(
+      "ml100k_sft.py", "smoke", **{
+          "model.pretrained": str(path),
+          "train.num_epochs": 2,
+      })
+  results = sft_stage.train_and_evaluate(config, tmp_path / "sft")
+  vocab = pretrained_vocab.load_vocab(tmp_path / "sft" / "vocab")
+  assert isinstance(vocab, pretrained_vocab.PretrainedVocab)
+  assert vocab.pad_id == 300 and vocab.num_text_pieces <= 300
+  assert results["vocab_size"] == vocab.size == 300 + 8 + sum(
+      vocab.codebook_sizes)
+  assert results["test"]["legal_items"] == 1.0
+  records = runs.metric_records(tmp_path / "sft")
+  assert all(np.isfinite(r["train/loss"]) for r in records)
+  # The initial parameters: the checkpoint's rows, then the new ones.
+  model_cfg = task.model_config(config, vocab.size)
+  assert (model_cfg.hidden_size, model_cfg.num_layers) == (
+      lm_cfg.hidden_size, lm_cfg.num_layers)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  dataset = artifacts.dataset(config)
+  sids = artifacts.load_sids(config, tmp_path / "sft", dataset)
+  setup = task.build(config, model_cfg, 10, mesh, sids, vocab)
+  params = task.pretrained_params(config, setup, vocab.size)
+  _, lm = gguf_import.load_gguf(path)
+  np.testing.assert_allclose(np.asarray(params["embed"][...])[:300],
+                             np.asarray(lm.embed[...]), rtol=1e-6)

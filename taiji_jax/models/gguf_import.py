@@ -306,6 +306,15 @@ class _HFView:
     return w
 
 
+def file_config(f: "GGUFFile", **overrides) -> decoder_lib.DecoderConfig:
+  """The `DecoderConfig` `load_gguf` builds for a file (its metadata, the
+  embedding's row count, tied unless it stores an output matrix)."""
+  rows = f.shape("token_embd.weight")[0] if "token_embd.weight" in f.names else (
+      None)
+  overrides.setdefault("tie_embeddings", "output.weight" not in f.names)
+  return config_from_metadata(f.metadata, f.path, rows, **overrides)
+
+
 def load_gguf(
     path: os.PathLike | str,
     *,
@@ -337,10 +346,7 @@ def load_gguf(
   if dtype is not None:
     name = jnp.dtype(dtype).name
     overrides = {"dtype": name, "param_dtype": name, **overrides}
-  rows = f.shape("token_embd.weight")[0] if "token_embd.weight" in f.names else (
-      None)
-  overrides.setdefault("tie_embeddings", "output.weight" not in f.names)
-  cfg = config_from_metadata(f.metadata, f.path, rows, **overrides)
+  cfg = file_config(f, **overrides)
   view = _HFView(f, cfg)
   layout = decoder_layout.hf_layout(cfg)
   checkpoint_io.check_tensors(

@@ -38,9 +38,11 @@ from taiji_jax import sharding
 from taiji_jax.data import pipeline
 from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import decoder as decoder_lib
+from taiji_jax.models import hf_import
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.sidlm import evaluation
 from taiji_jax.sidlm import rows as rows_lib
+from taiji_jax.text import pretrained_vocab
 from taiji_jax.text import sid_tokens
 from taiji_jax.text import vocab as vocab_lib
 from taiji_jax.train import optimizer
@@ -64,11 +66,29 @@ def vocab_texts(dataset) -> list[str]:
   return texts
 
 
+def pretrained(config: ml_collections.ConfigDict) -> str:
+  """`config.model.pretrained`: a checkpoint to start from ("" for none):
+  a .gguf file, a `gguf_import.PRETRAINED` name or a Hugging Face
+  directory. With one, its tokenizer is the text vocabulary and its
+  weights the initial parameters (`pretrained_params`)."""
+  return str(config.model.get("pretrained", "") or "")
+
+
 def build_vocab(config: ml_collections.ConfigDict,
                 dataset,
                 sids: sid_lib.SemanticIds,
                 workdir: os.PathLike | str,
-                extra_texts: Sequence[str] = ()) -> vocab_lib.Vocab:
+                extra_texts: Sequence[str] = ()) -> sid_tokens.SidTokens:
+  """The run's vocabulary, saved in `<workdir>/vocab`: the pretrained
+  checkpoint's tokenizer with the markers and SIDs after its embedding rows
+  (`PretrainedVocab`), or a sentencepiece `Vocab` trained on the dataset's
+  texts (reused when the texts and codebooks are unchanged)."""
+  if pretrained(config):
+    rows = hf_import.checkpoint_config(pretrained(config)).vocab_size
+    vocab = pretrained_vocab.PretrainedVocab.from_checkpoint(
+        pretrained(config), sids.codebook_sizes, first_free=rows)
+    vocab.save(pathlib.Path(workdir) / "vocab")
+    return vocab
   return vocab_lib.Vocab.build(
       vocab_texts(dataset) + list(extra_texts),
       sids.codebook_sizes,
@@ -223,12 +243,42 @@ def train_batches(rows: dict[str, np.ndarray], config: ml_collections.ConfigDict
 
 def model_config(config: ml_collections.ConfigDict,
                  vocab_size: int) -> decoder_lib.DecoderConfig:
-  """`DecoderConfig.<preset>(vocab_size, **config.model.overrides)`."""
+  """`DecoderConfig.<preset>(vocab_size, **config.model.overrides)`, or the
+  pretrained checkpoint's config with the overrides and `vocab_size`."""
+  overrides = config.model.overrides.to_dict()
+  if pretrained(config):
+    return dataclasses.replace(
+        hf_import.checkpoint_config(pretrained(config), **overrides),
+        vocab_size=vocab_size)
   if config.model.preset not in PRESETS:
     raise ValueError(f"config.model.preset must be one of {PRESETS}, got "
                      f"{config.model.preset!r}.")
   preset = getattr(decoder_lib.DecoderConfig, config.model.preset)
-  return preset(vocab_size=vocab_size, **config.model.overrides.to_dict())
+  return preset(vocab_size=vocab_size, **overrides)
+
+
+def pretrained_params(config: ml_collections.ConfigDict, setup: Setup,
+                      vocab_size: int) -> Any:
+  """The pretrained checkpoint's parameters grown to `vocab_size` rows
+  (`hf_import.extend_vocab`: the new rows are the mean embedding plus small
+  noise), placed with the run's shardings.
+
+  Raises:
+    ValueError: the checkpoint's config, grown, is not the run's model
+      (`model_config`), naming both.
+  """
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  cfg, model = hf_import.load_hf_checkpoint(
+      pretrained(config), mesh=setup.mesh, rules=rules,
+      **config.model.overrides.to_dict())
+  cfg, model = hf_import.extend_vocab(
+      model, cfg, vocab_size, key=jax.random.key(config.seed), rules=rules)
+  want = model_config(config, vocab_size)
+  if cfg != want:
+    raise ValueError(f"{pretrained(config)}: its model {cfg} is not the "
+                     f"run's {want}.")
+  return jax.device_put(
+      nnx.state(model, nnx.Param), setup.state_shardings["params"])
 
 
 def sft_loss(model, batch, pad_id: int, dropout_rng=None):

@@ -141,6 +141,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     best_params = setup.copy_params(state["params"])
     logging.info("initialised from the best parameters of %s",
                  config.init_from)
+  elif not resumed and task.pretrained(config):
+    state["params"] = task.pretrained_params(config, setup, vocab.size)
+    best_params = setup.copy_params(state["params"])
+    logging.info("initialised from the pretrained %s (vocabulary grown to "
+                 "%d)", task.pretrained(config), vocab.size)
   writer = metric_writer.MetricWriter(workdir, resume_step=meta["step"])
   eval_parts = {
       part:

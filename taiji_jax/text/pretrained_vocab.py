@@ -8,9 +8,11 @@ tokens are new ids [T, size) after it:
 
   [0, T)              the tokenizer's tokens, its own special tokens (chat
                       markers such as <|im_start|>) included
-  [T, T + n_s)        <pad> <bos> <eos> <unk> <think> </think> <answer>
-                      </answer> (+ extras): pad_id = T
-  [T + n_s, size)     SID tokens level by level
+  [T, F)              unused: embedding rows a checkpoint pads its
+                      vocabulary with (F = `first_free`, default T)
+  [F, F + n_s)        <pad> <bos> <eos> <unk> <think> </think> <answer>
+                      </answer> (+ extras): pad_id = F
+  [F + n_s, size)     SID tokens level by level
 
 so the checkpoint's embedding (and tied head) keeps its T rows as they are
 and grows by the new ones (`models.hf_import.extend_vocab`). The text ids are
@@ -61,7 +63,8 @@ class PretrainedVocab(sid_tokens.SidTokens):
                tokenizer: tokenizers.Tokenizer,
                codebook_sizes: Sequence[int],
                specials: Sequence[str] = sid_tokens.SPECIAL_TOKENS,
-               source: dict[str, Any] | None = None):
+               source: dict[str, Any] | None = None,
+               first_free: int | None = None):
     """Wraps `tokenizer`.
 
     Args:
@@ -70,13 +73,19 @@ class PretrainedVocab(sid_tokens.SidTokens):
       specials: the marker strings in id order (must start with
         `SPECIAL_TOKENS`).
       source: where the tokenizer came from (kept in the saved header).
+      first_free: the first id the new tokens may take (default T): a
+        checkpoint whose embedding has more rows than its tokenizer has
+        tokens (padded to a multiple of 64, say) keeps those rows unused.
 
     Raises:
       VocabError: invalid sizes or specials, or a tokenizer token that is
         one of our marker or SID strings.
     """
     t = tokenizer.get_vocab_size(with_added_tokens=True)
-    super().__init__(codebook_sizes, specials, base=t)
+    if first_free is not None and first_free < t:
+      raise sid_tokens.VocabError(f"first_free={first_free} is inside the "
+                                  f"tokenizer's {t} ids")
+    super().__init__(codebook_sizes, specials, base=max(t, first_free or t))
     own = tokenizer.get_vocab(with_added_tokens=True)
     clash = sorted(s for s in own
                    if s in self._special_ids or sid_tokens.SID_RE.fullmatch(s))
@@ -107,6 +116,23 @@ class PretrainedVocab(sid_tokens.SidTokens):
     return cls(tok, codebook_sizes, source={"gguf": str(path)})
 
   @classmethod
+  def from_checkpoint(cls, path: os.PathLike | str,
+                      codebook_sizes: Sequence[int],
+                      first_free: int | None = None) -> PretrainedVocab:
+    """The tokenizer of a checkpoint: a .gguf file, a
+    `gguf_import.PRETRAINED` name, or a Hugging Face directory."""
+    if not os.path.exists(path) and str(path) in gguf_import.PRETRAINED:
+      path = gguf_import.resolve_pretrained(str(path))
+    if str(path).endswith(".gguf"):
+      vocab = cls.from_gguf(path, codebook_sizes)
+    else:
+      vocab = cls.from_tokenizer_file(path, codebook_sizes)
+    if first_free is None:
+      return vocab
+    return cls(vocab.tokenizer, codebook_sizes, source=vocab.source,
+               first_free=first_free)
+
+  @classmethod
   def from_tokenizer_file(cls, path: os.PathLike | str,
                           codebook_sizes: Sequence[int]) -> PretrainedVocab:
     """A Hugging Face `tokenizer.json` (or a checkpoint directory holding
@@ -129,6 +155,7 @@ class PretrainedVocab(sid_tokens.SidTokens):
         "specials": list(self._specials),
         "codebook_sizes": list(self._sizes),
         "num_text_tokens": self._num_text,
+        "first_free": self._base,
         "size": self.size,
         "tokenizer_sha256": _sha256(data),
         "source": self._source,
@@ -167,7 +194,7 @@ class PretrainedVocab(sid_tokens.SidTokens):
           "different saves")
     vocab = cls(tokenizers.Tokenizer.from_str(data.decode()),
                 header["codebook_sizes"], header["specials"],
-                header.get("source"))
+                header.get("source"), header.get("first_free"))
     if vocab.size != header["size"]:
       raise sid_tokens.VocabError(f"{directory}: {vocab.size} ids, the header "
                                   f"says {header['size']}")
@@ -175,7 +202,7 @@ class PretrainedVocab(sid_tokens.SidTokens):
 
   def __reduce__(self):
     return (_from_str, (self._tok.to_str(), self._sizes, self._specials,
-                        self._source))
+                        self._source, self._base))
 
   # --- Layout -----------------------------------------------------------------
 
@@ -214,15 +241,23 @@ class PretrainedVocab(sid_tokens.SidTokens):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def _decode_text(self, ids: list[int]) -> str:
+    unused = [i for i in ids if i >= self._num_text]
+    if unused:
+      raise sid_tokens.VocabError(
+          f"ids {unused[:5]} are unused embedding rows (between the "
+          f"tokenizer's {self._num_text} ids and the first new one, "
+          f"{self._base})")
     return self._tok.decode(ids, skip_special_tokens=False)
 
   def _text_token(self, i: int) -> str:
     return self._tok.id_to_token(i)
 
 
-def _from_str(tokenizer_json: str, sizes, specials, source) -> PretrainedVocab:
+def _from_str(tokenizer_json: str, sizes, specials, source,
+              first_free) -> PretrainedVocab:
   return PretrainedVocab(
-      tokenizers.Tokenizer.from_str(tokenizer_json), sizes, specials, source)
+      tokenizers.Tokenizer.from_str(tokenizer_json), sizes, specials, source,
+      first_free)
 
 
 def _header(directory: pathlib.Path) -> dict[str, Any]:
