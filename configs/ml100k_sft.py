@@ -96,6 +96,8 @@ def get_config(arg=None):
   # regular expressions over parameter paths ("^embed", "blocks/0/attn/").
   c.train.freeze_layers = 0
   c.train.freeze = ()
+  # Or train only what these match (LoRA: ("lora_", "^embed")).
+  c.train.train_only = ()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)

@@ -11,7 +11,6 @@ import pytest
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.sidlm import task
 from taiji_jax.train import optimizer
-from taiji_jax.train import train_state
 
 
 def _config(**train):
@@ -22,8 +21,8 @@ def _config(**train):
   })
 
 
-def _steps(config, steps=2):
-  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16)
+def _steps(config, steps=2, **model):
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16, **model)
   tx = optimizer.from_config(config, 10)
   graphdef, init = task.state_init_fn(cfg, tx, seed=0)
   state = init()
@@ -76,3 +75,34 @@ def test_freeze_patterns_fix_the_embedding():
 def test_bad_freeze_settings_are_named(train, match):
   with pytest.raises(ValueError, match=match):
     _steps(_config(**train), steps=1)
+
+
+def test_lora_trains_only_its_updates_and_the_embedding():
+  model = dict(lora_rank=3, lora_targets=("q", "v", "down"))
+  _, full = _steps(_config(), **model)
+  changed, state = _steps(_config(train_only=("lora_", "^embed")), **model)
+  lora = {p for p in changed if "/lora_" in p}
+  assert len(lora) == 2 * 3 * 2  # A and B of 3 targets in 2 blocks
+  assert all(changed[p] for p in lora) and changed["embed"]
+  assert not any(v for p, v in changed.items()
+                 if p not in lora and p != "embed")
+  trained = sum(
+      np.size(x) for path, x in jax.tree_util.tree_flatten_with_path(
+          state["params"])[0]
+      if "/lora_" in optimizer.param_path(path) or
+      optimizer.param_path(path) == "embed")
+  total = sum(np.size(x) for x in jax.tree.leaves(state["params"]))
+  assert _moments(full) - _moments(state) == 2 * (total - trained)
+
+
+def test_a_lora_model_starts_as_the_model_without_it():
+  base = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16)
+  tokens = jnp.asarray(np.arange(12).reshape(2, 6) % 40)
+  plain = decoder_lib.Decoder(base, rngs=nnx.Rngs(0))(tokens)
+  for targets in (("q", "v"), ("k", "o", "gate", "up", "down")):
+    cfg = decoder_lib.DecoderConfig.tiny(
+        vocab_size=40, max_seq_len=16, lora_rank=4, lora_targets=targets)
+    np.testing.assert_array_equal(
+        decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0))(tokens), plain)
+  with pytest.raises(ValueError, match="lora_targets"):
+    decoder_lib.DecoderConfig.tiny(lora_rank=2, lora_targets=("qq",))

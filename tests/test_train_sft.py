@@ -5,6 +5,7 @@ import sys
 
 from flax import nnx
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -302,3 +303,19 @@ def test_sft_from_a_pretrained_checkpoint_keeps_its_tokenizer_and_weights(
   _, lm = gguf_import.load_gguf(path)
   np.testing.assert_allclose(np.asarray(params["embed"][...])[:300],
                              np.asarray(lm.embed[...]), rtol=1e-6)
+
+  # With LoRA on q and v: the same weights plus zero low-rank updates, the
+  # structure the run builds from its config (so it saves and resumes).
+  lora = config.to_dict()
+  lora["model"]["overrides"].update(lora_rank=2, lora_targets=("q", "v"))
+  lora = ml_collections.ConfigDict(lora)
+  lora_cfg = task.model_config(lora, vocab.size)
+  assert lora_cfg.lora_rank == 2
+  lora_setup = task.build(lora, lora_cfg, 10, mesh, sids, vocab)
+  lora_params = task.pretrained_params(lora, lora_setup, vocab.size)
+  assert jax.tree.structure(lora_params) == jax.tree.structure(
+      lora_setup.state["params"])
+  np.testing.assert_array_equal(lora_params["embed"][...],
+                                params["embed"][...])
+  b = lora_params["blocks"][0]["attn"]["lora_q"]["lora_b"][...]
+  assert b.shape == (2, lm_cfg.num_heads * lm_cfg.head_dim) and not b.any()

@@ -103,6 +103,38 @@ def _write_rows(cache_bs: jax.Array, new_bt: jax.Array,
 # --------------------------------------------------------------- layers ---
 
 
+def add_lora(decoder: "Decoder", cfg: DecoderConfig,
+             rngs: nnx.Rngs) -> "Decoder":
+  """Gives `decoder` the low-rank updates `cfg` asks for (in place).
+
+  Each target projection of every block gets an `nnx.LoRA` (A drawn, B
+  zero: the model's function is unchanged until B trains); its parameters
+  are `nnx.LoRAParam`s, trainable `nnx.Param`s without logical axes (r is
+  small: replicated). Called last by `Decoder.__init__`, so the base weights
+  are drawn exactly as without LoRA, and on a loaded pretrained model
+  (whose cfg then becomes `cfg`).
+  """
+  decoder.cfg = cfg
+  if not cfg.lora_rank:
+    return decoder
+  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  f = cfg.intermediate_size
+  sizes = {
+      "q": (d, n * h), "k": (d, k * h), "v": (d, k * h), "o": (n * h, d),
+      "gate": (d, f), "up": (d, f), "down": (f, d)
+  }
+  for block in decoder.blocks:
+    for target, (i, o) in sizes.items():
+      if not cfg.lora(target):
+        continue
+      owner = block.attn if target in ("q", "k", "v", "o") else block.mlp
+      owner.lora_scale = cfg.lora_scale
+      setattr(owner, f"lora_{target}",
+              nnx.LoRA(i, cfg.lora_rank, o, param_dtype=cfg.weight_dtype,
+                       rngs=rngs))
+  return decoder
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE (and optional q/k/v biases)."""
 
@@ -116,6 +148,9 @@ class Attention(nnx.Module):
     self.w_v = layers.param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std,
                             pd)
     self.w_o = layers.param(rngs, (n, h, d), ("heads", "kv", "embed"), std, pd)
+    # Low-rank updates: set by `add_lora` once the weights exist.
+    self.lora_scale = 0.0
+    self.lora_q = self.lora_k = self.lora_v = self.lora_o = nnx.data(None)
     if cfg.attention_bias:
       self.b_q = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "kv"))
       self.b_k = nnx.Param(
@@ -125,8 +160,10 @@ class Attention(nnx.Module):
     else:
       self.b_q = self.b_k = self.b_v = None
 
-  def _project(self, x_btd, w, b):
+  def _project(self, x_btd, w, b, lora=None):
     y = jnp.einsum("btd,dnh->btnh", x_btd, w[...].astype(x_btd.dtype))
+    if lora is not None:
+      y = y + (self.lora_scale * lora(x_btd)).reshape(y.shape).astype(y.dtype)
     return y if b is None else y + b[...].astype(x_btd.dtype)
 
   def __call__(self,
@@ -143,10 +180,12 @@ class Attention(nnx.Module):
     `mask_bts` says which key s query t may attend to.
     """
     q_btnh = apply_rope(
-        self._project(x_btd, self.w_q, self.b_q), cos_bth, sin_bth)
+        self._project(x_btd, self.w_q, self.b_q, self.lora_q), cos_bth,
+        sin_bth)
     k_btkh = apply_rope(
-        self._project(x_btd, self.w_k, self.b_k), cos_bth, sin_bth)
-    v_btkh = self._project(x_btd, self.w_v, self.b_v)
+        self._project(x_btd, self.w_k, self.b_k, self.lora_k), cos_bth,
+        sin_bth)
+    v_btkh = self._project(x_btd, self.w_v, self.b_v, self.lora_v)
     q_btnh = sharding.constrain(q_btnh, ("batch", "length", "heads", "kv"))
     if kv is None:
       k_bskh, v_bskh = k_btkh, v_btkh
@@ -173,6 +212,9 @@ class Attention(nnx.Module):
     out_btnh = out_btkgh.reshape(b, t, n, h)
     out_btd = jnp.einsum("btnh,nhd->btd", out_btnh,
                          self.w_o[...].astype(x_btd.dtype))
+    if self.lora_o is not None:
+      out_btd = out_btd + (self.lora_scale * self.lora_o(
+          out_btnh.reshape(b, t, n * h))).astype(out_btd.dtype)
     return out_btd, kv
 
 
@@ -185,14 +227,21 @@ class MLP(nnx.Module):
     self.w_gate = layers.param(rngs, (d, f), ("embed", "mlp"), std, pd)
     self.w_up = layers.param(rngs, (d, f), ("embed", "mlp"), std, pd)
     self.w_down = layers.param(rngs, (f, d), ("mlp", "embed"), std, pd)
+    self.lora_scale = 0.0  # and the updates below: `add_lora`
+    self.lora_gate = self.lora_up = self.lora_down = nnx.data(None)
+
+  def _linear(self, x, w, lora):
+    y = x @ w[...].astype(x.dtype)
+    if lora is None:
+      return y
+    return y + (self.lora_scale * lora(x)).astype(y.dtype)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    dt = x_btd.dtype
-    gate_btf = x_btd @ self.w_gate[...].astype(dt)
-    up_btf = x_btd @ self.w_up[...].astype(dt)
+    gate_btf = self._linear(x_btd, self.w_gate, self.lora_gate)
+    up_btf = self._linear(x_btd, self.w_up, self.lora_up)
     h_btf = sharding.constrain(
         jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
-    return h_btf @ self.w_down[...].astype(dt)
+    return self._linear(h_btf, self.w_down, self.lora_down)
 
 
 class Block(nnx.Module):
@@ -268,6 +317,7 @@ class Decoder(nnx.Module):
     else:
       self.lm_head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size),
                                   ("embed", "vocab"), std, pd)
+    add_lora(self, cfg, rngs)
 
   def _rope(self, positions_bt):
     inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta,

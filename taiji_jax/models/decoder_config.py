@@ -53,6 +53,9 @@ class RopeScaling:
                        "low_freq_factor.")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Hyper-parameters of the decoder.
@@ -83,6 +86,13 @@ class DecoderConfig:
       outputs before each residual add, applied only in calls that pass a
       `dropout_rng` (training); decoding and evaluation never drop. 0 for
       imported pretrained models (as their configs say).
+    lora_rank: r > 0 adds a low-rank update x A B (`nnx.LoRA`: A drawn,
+      B zero, so the model starts as it was) to each projection named in
+      `lora_targets`, scaled by lora_alpha / r (Hu et al., 2021). Training
+      then usually freezes everything else (`train.train_only`).
+    lora_targets: among "q", "k", "v", "o" (attention) and "gate", "up",
+      "down" (MLP).
+    lora_alpha: the scale's numerator.
   """
   vocab_size: int
   hidden_size: int
@@ -102,6 +112,9 @@ class DecoderConfig:
   init_std: float = 0.02
   remat: bool = False
   dropout_rate: float = 0.0
+  lora_rank: int = 0
+  lora_targets: tuple[str, ...] = ("q", "v")
+  lora_alpha: float = 16.0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -117,10 +130,24 @@ class DecoderConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(
           f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if self.lora_rank < 0 or unknown:
+      raise ValueError(f"lora_rank must be >= 0 and lora_targets among "
+                       f"{LORA_TARGETS}; got {self.lora_rank}, "
+                       f"{self.lora_targets}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got "
                          f"{getattr(self, name)!r}.")
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def lora(self, target: str) -> bool:
+    """Whether projection `target` carries a LoRA update."""
+    return self.lora_rank > 0 and target in self.lora_targets
 
   @property
   def compute_dtype(self):

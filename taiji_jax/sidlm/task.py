@@ -261,19 +261,26 @@ def pretrained_params(config: ml_collections.ConfigDict, setup: Setup,
                       vocab_size: int) -> Any:
   """The pretrained checkpoint's parameters grown to `vocab_size` rows
   (`hf_import.extend_vocab`: the new rows are the mean embedding plus small
-  noise), placed with the run's shardings.
+  noise), with the LoRA updates the overrides ask for (`add_lora`: zero at
+  the start), placed with the run's shardings.
 
   Raises:
     ValueError: the checkpoint's config, grown, is not the run's model
       (`model_config`), naming both.
   """
   rules = tuple(tuple(r) for r in config.sharding_rules)
+  overrides = config.model.overrides.to_dict()
+  # The checkpoint has no LoRA: load it without, then add the updates.
+  base = {k: v for k, v in overrides.items() if not k.startswith("lora_")}
   cfg, model = hf_import.load_hf_checkpoint(
-      pretrained(config), mesh=setup.mesh, rules=rules,
-      **config.model.overrides.to_dict())
+      pretrained(config), mesh=setup.mesh, rules=rules, **base)
   cfg, model = hf_import.extend_vocab(
       model, cfg, vocab_size, key=jax.random.key(config.seed), rules=rules)
   want = model_config(config, vocab_size)
+  if want.lora_rank:
+    cfg = decoder_lib.add_lora(model, dataclasses.replace(
+        cfg, **{k: v for k, v in overrides.items() if k.startswith("lora_")}),
+                               nnx.Rngs(params=config.seed)).cfg
   if cfg != want:
     raise ValueError(f"{pretrained(config)}: its model {cfg} is not the "
                      f"run's {want}.")

@@ -78,6 +78,7 @@ def check_settings(config: ml_collections.ConfigDict,
   checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
   try:
     optimizer.frozen_patterns(config)
+    optimizer.trained_patterns(config)
   except ValueError as e:
     raise checks.ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 

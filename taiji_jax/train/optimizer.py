@@ -4,7 +4,10 @@ AdamW with warmup and decay, gradient clipping, and optionally frozen
 parameters (a pretrained model fine-tuned with its lower layers fixed):
 `config.train.freeze_layers` = n freezes decoder blocks 0..n-1, and
 `config.train.freeze` holds regular expressions matched against each
-parameter's path ("blocks/3/attn/w_q", "embed", "final_norm/scale"). Frozen
+parameter's path ("blocks/3/attn/w_q", "embed", "final_norm/scale"), and
+`config.train.train_only` the opposite: only the parameters it matches
+train (LoRA: `("lora_", "^embed")`, the low-rank updates and the grown
+embedding with its SID rows). Frozen
 parameters get a zero update and keep no optimizer moments
 (`optax.multi_transform`), so they cost no optimizer memory; their gradients
 are still computed (the backward pass runs through them to the layers
@@ -38,43 +41,64 @@ def param_path(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The regular expressions of the frozen parameters' paths."""
-  t = config.train
-  layers = int(t.get("freeze_layers", 0) or 0)
-  if layers < 0:
-    raise ValueError(f"train.freeze_layers must be >= 0, got {layers}.")
-  own = tuple(t.get("freeze", ()) or ())
+def _regexes(config: ml_collections.ConfigDict, field: str) -> tuple[str, ...]:
+  """`config.train.<field>`, each checked to be a regular expression."""
+  own = tuple(config.train.get(field, ()) or ())
   for p in own:
     try:
       re.compile(p)
     except re.error as e:
-      raise ValueError(f"train.freeze: {p!r} is not a regular "
+      raise ValueError(f"train.{field}: {p!r} is not a regular "
                        f"expression ({e}).") from None
-  return own + tuple(rf"blocks/{i}/" for i in range(layers))
+  return own
 
 
-def labels(params: Any, patterns: Sequence[str]) -> Any:
-  """FROZEN or TRAINED for every leaf of `params` (by `param_path`).
+def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The regular expressions of the frozen parameters' paths."""
+  layers = int(config.train.get("freeze_layers", 0) or 0)
+  if layers < 0:
+    raise ValueError(f"train.freeze_layers must be >= 0, got {layers}.")
+  return _regexes(config, "freeze") + tuple(
+      rf"blocks/{i}/" for i in range(layers))
+
+
+def trained_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.train.train_only`: when set, the only parameters that train."""
+  return _regexes(config, "train_only")
+
+
+def labels(params: Any, patterns: Sequence[str],
+           train_only: Sequence[str] = ()) -> Any:
+  """FROZEN or TRAINED for every leaf of `params` (by `param_path`): frozen
+  if a `patterns` entry matches, or `train_only` is set and none of it
+  does.
 
   Raises:
     ValueError: a pattern that matches no parameter (a typo, or more frozen
       layers than the model has), naming it and some of the paths.
   """
   compiled = [re.compile(p) for p in patterns]
+  kept = [re.compile(p) for p in train_only]
   paths = [
       param_path(path) + "/"
       for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
   ]
-  unused = [p for p, c in zip(patterns, compiled)
+  unused = [p for p, c in zip(list(patterns) + list(train_only),
+                              compiled + kept)
             if not any(c.search(x) for x in paths)]
   if unused:
-    raise ValueError(f"train.freeze / freeze_layers: {unused} match "
-                     f"no parameter; paths look like {paths[:3]}.")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: FROZEN if any(
-          c.search(param_path(path) + "/") for c in compiled) else TRAINED,
-      params)
+    raise ValueError(f"train.freeze / freeze_layers / train_only: {unused} "
+                     f"match no parameter; paths look like {paths[:3]}.")
+
+  def label(path, _):
+    name = param_path(path) + "/"
+    if any(c.search(name) for c in compiled):
+      return FROZEN
+    if kept and not any(c.search(name) for c in kept):
+      return FROZEN
+    return TRAINED
+
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def from_config(config: ml_collections.ConfigDict,
@@ -104,11 +128,11 @@ def from_config(config: ml_collections.ConfigDict,
     chain.append(optax.clip_by_global_norm(t.grad_clip))
   chain.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
   tx = optax.chain(*chain)
-  patterns = frozen_patterns(config)
-  if not patterns:
+  patterns, train_only = frozen_patterns(config), trained_patterns(config)
+  if not patterns and not train_only:
     return tx
   # Clipping sees the trained parameters' gradients only.
   return optax.multi_transform({
       TRAINED: tx,
       FROZEN: optax.set_to_zero()
-  }, lambda params: labels(params, patterns))
+  }, lambda params: labels(params, patterns, train_only))
