@@ -172,6 +172,8 @@ def test_smollm2_answers_in_english():
   tok = gguf_tokenizer.from_metadata(gguf_import.GGUFFile(path).metadata)
   cfg, model = gguf_import.load_gguf(path)
   assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
+  # The benchmark preset is this model's shape exactly.
+  assert cfg == decoder.DecoderConfig.smollm2_135m()
   prompt = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
             "<|im_start|>assistant\n")
   ids = tok.encode(prompt).ids

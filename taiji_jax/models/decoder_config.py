@@ -190,6 +190,26 @@ class DecoderConfig:
     return cls(**{**kwargs, **overrides})
 
   @classmethod
+  def smollm2_135m(cls, **overrides) -> DecoderConfig:
+    """SmolLM2-135M (134,515,008 parameters, tied embeddings): the shape of
+    the pretrained model `gguf_import.PRETRAINED` ships, for benchmarks
+    with random weights."""
+    kwargs = dict(
+        vocab_size=49_152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        rope_theta=100_000.0,
+        rms_norm_eps=1e-5,
+        max_seq_len=8192,
+        tie_embeddings=True,
+        attention_bias=False)
+    return cls(**{**kwargs, **overrides})
+
+  @classmethod
   def qwen2_0_5b(cls, **overrides) -> DecoderConfig:
     """Qwen2-0.5B (494,032,768 parameters, tied embeddings)."""
     kwargs = dict(
