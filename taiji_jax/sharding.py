@@ -146,6 +146,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     if _is_variable(x):
       axes = x.get_metadata().get("logical_axes")
       value = x.get_value()
+      if not hasattr(value, "ndim"):
+        # No array inside: e.g. optax's MaskedNode, the moment slot of a
+        # frozen parameter (`train.optimizer`), an empty pytree.
+        return x
       if axes is None:
         return x.replace(NamedSharding(mesh, P()))
       if len(axes) != value.ndim:

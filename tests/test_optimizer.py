@@ -106,3 +106,25 @@ def test_a_lora_model_starts_as_the_model_without_it():
         decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0))(tokens), plain)
   with pytest.raises(ValueError, match="lora_targets"):
     decoder_lib.DecoderConfig.tiny(lora_rank=2, lora_targets=("qq",))
+
+
+@pytest.mark.parametrize("train", [dict(freeze_layers=1),
+                                   dict(train_only=("lora_", "^embed"))])
+def test_frozen_states_shard_and_step_on_a_mesh(train):
+  """The trainer's path: abstract state -> shardings -> sharded init on a
+  (data, fsdp) mesh; the frozen parameters' empty moment slots included."""
+  from taiji_jax import sharding  # pylint: disable=g-import-not-at-top
+  from taiji_jax.train import train_state  # pylint: disable=g-import-not-at-top
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16,
+                                       lora_rank=2)
+  tx = optimizer.from_config(_config(**train), 10)
+  graphdef, init = task.state_init_fn(cfg, tx, seed=0)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  state, shardings = train_state.init_sharded(init, mesh,
+                                              sharding.DEFAULT_RULES)
+  step = task.jit_train_step(task.make_train_step(graphdef, tx, pad_id=0),
+                             shardings, mesh)
+  tokens = np.random.default_rng(0).integers(1, 40, (8, 12)).astype(np.int32)
+  with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+    state, metrics = step(state, {"tokens": tokens, "loss_mask": tokens > 10})
+  assert np.isfinite(float(metrics["loss"]))
