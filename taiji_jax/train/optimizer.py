@@ -9,9 +9,10 @@ parameter's path ("blocks/3/attn/w_q", "embed", "final_norm/scale"), and
 train (LoRA: `("lora_", "^embed")`, the low-rank updates and the grown
 embedding with its SID rows). Frozen
 parameters get a zero update and keep no optimizer moments
-(`optax.multi_transform`), so they cost no optimizer memory; their gradients
-are still computed (the backward pass runs through them to the layers
-above).
+(`optax.multi_transform`), so they cost no optimizer memory, and XLA drops
+the products that would form their weight gradients (`set_to_zero` discards
+them); the backward pass still runs through a frozen layer when a trained
+parameter lies below it (the embedding, the LoRA updates).
 """
 
 from __future__ import annotations
