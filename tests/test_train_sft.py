@@ -319,3 +319,31 @@ def test_sft_from_a_pretrained_checkpoint_keeps_its_tokenizer_and_weights(
                                 params["embed"][...])
   b = lora_params["blocks"][0]["attn"]["lora_q"]["lora_b"][...]
   assert b.shape == (2, lm_cfg.num_heads * lm_cfg.head_dim) and not b.any()
+
+
+@pytest.mark.slow
+def test_a_pretrained_run_killed_mid_epoch_resumes_to_the_same_result(
+    tmp_path):
+  """kill -9 of an SFT run started from a tiny Llama GGUF, then resume: the
+  resumed run continues from its checkpoint (not from the checkpoint file
+  again) and ends with the uninterrupted run's numbers."""
+  sids_stage.run(
+      _config("ml100k_sids.py", "smoke", **{
+          "representation.weights.collaborative": 0.0,
+          "quantizers": ("rq_kmeans",),
+          "default": "rq_kmeans",
+      }), tmp_path / "sids")
+  lm_cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
+  path = tmp_path / "lm.gguf"
+  gguf_testing.write_gguf(path, lm_cfg,
+                          decoder_lib.Decoder(lm_cfg, rngs=nnx.Rngs(0)))
+  extra = [f"--config.model.pretrained={path}", "--config.train.num_epochs=3",
+           "--config.eval.every_epochs=3"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  command = lambda w: _command(w, tmp_path / "sids") + extra
+  runs.run_beside_a_crash(command(straight), command(killed), kill_at=_KILL_AT)
+  assert not (killed / "results.json").exists()
+  assert runs.checkpoint_steps(killed)
+  runs.resume(command(killed))
+  a = runs.assert_same_run(straight, killed)
+  assert a["test"]["legal_items"] == 1.0
