@@ -45,6 +45,30 @@ def _config(name, arg, **overrides):
 
 
 @pytest.fixture(scope="module")
+def smoke_sids(tmp_path_factory):
+  """A finished sids stage of the smoke dataset (RQ-KMeans on text)."""
+  path = tmp_path_factory.mktemp("smoke_sids") / "sids"
+  sids_stage.run(
+      _config("ml100k_sids.py", "smoke", **{
+          "representation.weights.collaborative": 0.0,
+          "quantizers": ("rq_kmeans",),
+          "default": "rq_kmeans",
+      }), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  """(path, config) of a tiny random Llama written as a GGUF file, with a
+  byte-level BPE tokenizer and 300 embedding rows."""
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
+  path = tmp_path_factory.mktemp("tiny_llama") / "lm.gguf"
+  gguf_testing.write_gguf(path, cfg, decoder_lib.Decoder(cfg,
+                                                         rngs=nnx.Rngs(0)))
+  return path, cfg
+
+
+@pytest.fixture(scope="module")
 def small_setup(tmp_path_factory):
   """Smoke dataset, random unique SIDs saved as a sids stage, vocab, rows."""
   # No dropout, so a train step's loss is a plain function of the params.
@@ -185,19 +209,12 @@ def test_length_buckets_cut_only_padding_and_cover_every_row(small_setup):
 
 
 @pytest.mark.slow
-def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
-  sids_config = _config(
-      "ml100k_sids.py", "smoke", **{
-          "representation.weights.collaborative": 0.0,
-          "quantizers": ("rq_kmeans",),
-          "default": "rq_kmeans",
-      })
-  sids_stage.run(sids_config, tmp_path / "sids")
+def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path, smoke_sids):
   config = _config("ml100k_sft.py", "smoke")
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   # The uninterrupted run and the run that will be killed run concurrently,
   # each in its own process on one CPU device, through the entry point.
-  sids = tmp_path / "sids"
+  sids = smoke_sids
   runs.run_beside_a_crash(
       _command(straight, sids), _command(killed, sids), kill_at=_KILL_AT)
   assert not (killed / "results.json").exists()
@@ -234,7 +251,7 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
   # Re-running a finished run resumes from its final checkpoint: no
   # retraining, same results; a different config is refused.
   again = sft_stage.train_and_evaluate(
-      config_lib.with_overrides(config, sids_workdir=str(tmp_path / "sids")),
+      config_lib.with_overrides(config, sids_workdir=str(smoke_sids)),
       straight)
   assert runs.metric_records(straight) == records
   assert again["steps"] == a["steps"]
@@ -242,7 +259,7 @@ def test_smoke_run_end_to_end_and_resume_after_kill(tmp_path):
     sft_stage.train_and_evaluate(
         _config("ml100k_sft.py", "smoke", **{
             "train.lr": 1e-4,
-            "sids_workdir": str(tmp_path / "sids")
+            "sids_workdir": str(smoke_sids)
         }), straight)
 
 
@@ -263,23 +280,16 @@ def test_history_titles_lengthen_rows_but_not_the_loss(small_setup):
 
 
 def test_sft_from_a_pretrained_checkpoint_keeps_its_tokenizer_and_weights(
-    tmp_path):
+    tmp_path, smoke_sids, tiny_llama):
   """`model.pretrained`: a tiny Llama GGUF (byte-level BPE tokenizer, 300
-  embedding rows) is the text vocabulary and the starting point; the markers and SIDs are new rows after its 300, the old rows start
-  as the checkpoint's, and the smoke run trains and ranks."""
-  sids_stage.run(
-      _config("ml100k_sids.py", "smoke", **{
-          "representation.weights.collaborative": 0.0,
-          "quantizers": ("rq_kmeans",),
-          "default": "rq_kmeans",
-      }), tmp_path / "sids")
-  lm_cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
-  path = tmp_path / "lm.gguf"
-  gguf_testing.write_gguf(path, lm_cfg,
-                          decoder_lib.Decoder(lm_cfg, rngs=nnx.Rngs(0)))
+  embedding rows) is the text vocabulary and the starting point; the
+  markers and SIDs are new rows after its 300, the old rows start as the
+  checkpoint's, and the smoke run trains and ranks."""
+  path, lm_cfg = tiny_llama
   config = _config(
       "ml100k_sft.py", "smoke", **{
           "model.pretrained": str(path),
+          "sids_workdir": str(smoke_sids),
           "train.num_epochs": 2,
       })
   results = sft_stage.train_and_evaluate(config, tmp_path / "sft")
@@ -323,24 +333,15 @@ def test_sft_from_a_pretrained_checkpoint_keeps_its_tokenizer_and_weights(
 
 @pytest.mark.slow
 def test_a_pretrained_run_killed_mid_epoch_resumes_to_the_same_result(
-    tmp_path):
+    tmp_path, smoke_sids, tiny_llama):
   """kill -9 of an SFT run started from a tiny Llama GGUF, then resume: the
   resumed run continues from its checkpoint (not from the checkpoint file
   again) and ends with the uninterrupted run's numbers."""
-  sids_stage.run(
-      _config("ml100k_sids.py", "smoke", **{
-          "representation.weights.collaborative": 0.0,
-          "quantizers": ("rq_kmeans",),
-          "default": "rq_kmeans",
-      }), tmp_path / "sids")
-  lm_cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
-  path = tmp_path / "lm.gguf"
-  gguf_testing.write_gguf(path, lm_cfg,
-                          decoder_lib.Decoder(lm_cfg, rngs=nnx.Rngs(0)))
+  path, lm_cfg = tiny_llama
   extra = [f"--config.model.pretrained={path}", "--config.train.num_epochs=3",
            "--config.eval.every_epochs=3"]
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  command = lambda w: _command(w, tmp_path / "sids") + extra
+  command = lambda w: _command(w, smoke_sids) + extra
   runs.run_beside_a_crash(command(straight), command(killed), kill_at=_KILL_AT)
   assert not (killed / "results.json").exists()
   assert runs.checkpoint_steps(killed)

@@ -105,6 +105,16 @@ def resolve_pretrained(name: str) -> pathlib.Path:
   return directory / filename
 
 
+def gguf_path(path_or_name: os.PathLike | str) -> pathlib.Path | None:
+  """The .gguf file `path_or_name` means: a `PRETRAINED` name (fetched and
+  verified if needed) or a path ending in .gguf; None for anything else
+  (e.g. a Hugging Face checkpoint directory)."""
+  s = str(path_or_name)
+  if not os.path.exists(s) and s in PRETRAINED:
+    return resolve_pretrained(s)
+  return pathlib.Path(s) if s.endswith(".gguf") else None
+
+
 def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
   """Undoes llama.cpp's per-head row permutation of a q/k projection.
 
@@ -340,9 +350,7 @@ def load_gguf(
       unexpected or mis-shaped (all listed), non-finite values.
     NotImplementedError: an architecture or option the decoder lacks.
   """
-  if not os.path.exists(path) and str(path) in PRETRAINED:
-    path = resolve_pretrained(str(path))
-  f = GGUFFile(path)
+  f = GGUFFile(gguf_path(path) or path)
   if dtype is not None:
     name = jnp.dtype(dtype).name
     overrides = {"dtype": name, "param_dtype": name, **overrides}

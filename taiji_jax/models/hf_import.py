@@ -121,19 +121,13 @@ def _weight_files(
   return index, [directory / name for name in names], weight_map
 
 
-def _is_gguf(path: os.PathLike | str) -> bool:
-  return str(path).endswith(".gguf") or (not os.path.exists(path) and
-                                         str(path) in gguf_import.PRETRAINED)
-
-
 def checkpoint_config(path: os.PathLike | str,
                       **overrides) -> decoder_lib.DecoderConfig:
   """The `DecoderConfig` `load_hf_checkpoint(path, **overrides)` gives,
   without reading any weights."""
-  if _is_gguf(path):
-    if not os.path.exists(path):
-      path = gguf_import.resolve_pretrained(str(path))
-    return gguf_import.file_config(gguf_import.GGUFFile(path), **overrides)
+  gguf = gguf_import.gguf_path(path)
+  if gguf is not None:
+    return gguf_import.file_config(gguf_import.GGUFFile(gguf), **overrides)
   return read_config(path, **overrides)
 
 
@@ -176,9 +170,10 @@ def load_hf_checkpoint(
       the message names the file and every offending tensor.
     NotImplementedError: an architecture or option the decoder lacks.
   """
-  if _is_gguf(path):
+  gguf = gguf_import.gguf_path(path)
+  if gguf is not None:
     return gguf_import.load_gguf(
-        path, dtype=dtype, mesh=mesh, rules=rules, **overrides)
+        gguf, dtype=dtype, mesh=mesh, rules=rules, **overrides)
   directory = pathlib.Path(path)
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no such checkpoint directory "

@@ -152,12 +152,16 @@ def load_sids(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
 # --- SFT ------------------------------------------------------------------
 
 
-def task_data(config: ml_collections.ConfigDict, workdir: os.PathLike | str,
-              vocab: sid_tokens.SidTokens, ds=None) -> task.Data:
-  """The SID-LM `task.Data` of an SFT config with a given vocabulary."""
+def task_data(config: ml_collections.ConfigDict,
+              workdir: os.PathLike | str,
+              vocab: sid_tokens.SidTokens,
+              ds=None,
+              sids: sid_lib.SemanticIds | None = None) -> task.Data:
+  """The SID-LM `task.Data` of an SFT config with a given vocabulary (the
+  dataset and SIDs are loaded unless given)."""
   ds = dataset(config) if ds is None else ds
   split_ = ds.split_leave_one_out(config.max_items)
-  sids = load_sids(config, workdir, ds)
+  sids = load_sids(config, workdir, ds) if sids is None else sids
   vocab.check_compatible(sids)
   users = np.arange(1, ds.num_users + 1)
   return task.Data(

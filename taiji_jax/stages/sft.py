@@ -68,7 +68,7 @@ def prepare(config: ml_collections.ConfigDict,
   sids = artifacts.load_sids(config, workdir, dataset)
   extra = list(extra_vocab_texts(dataset)) if extra_vocab_texts else []
   vocab = task.build_vocab(config, dataset, sids, workdir, extra)
-  return artifacts.task_data(config, workdir, vocab, dataset)
+  return artifacts.task_data(config, workdir, vocab, dataset, sids)
 
 
 def check_settings(config: ml_collections.ConfigDict,

@@ -108,33 +108,33 @@ class PretrainedVocab(sid_tokens.SidTokens):
   # --- Construction, saving, loading ------------------------------------------
 
   @classmethod
-  def from_gguf(cls, path: os.PathLike | str,
-                codebook_sizes: Sequence[int]) -> PretrainedVocab:
+  def from_gguf(cls,
+                path: os.PathLike | str,
+                codebook_sizes: Sequence[int],
+                first_free: int | None = None) -> PretrainedVocab:
     """The tokenizer in a GGUF file's metadata + the SID block."""
     meta = gguf_import.GGUFFile(path).metadata
     tok = gguf_tokenizer.from_metadata(meta, str(path))
-    return cls(tok, codebook_sizes, source={"gguf": str(path)})
+    return cls(tok, codebook_sizes, source={"gguf": str(path)},
+               first_free=first_free)
 
   @classmethod
-  def from_checkpoint(cls, path: os.PathLike | str,
+  def from_checkpoint(cls,
+                      path: os.PathLike | str,
                       codebook_sizes: Sequence[int],
                       first_free: int | None = None) -> PretrainedVocab:
     """The tokenizer of a checkpoint: a .gguf file, a
     `gguf_import.PRETRAINED` name, or a Hugging Face directory."""
-    if not os.path.exists(path) and str(path) in gguf_import.PRETRAINED:
-      path = gguf_import.resolve_pretrained(str(path))
-    if str(path).endswith(".gguf"):
-      vocab = cls.from_gguf(path, codebook_sizes)
-    else:
-      vocab = cls.from_tokenizer_file(path, codebook_sizes)
-    if first_free is None:
-      return vocab
-    return cls(vocab.tokenizer, codebook_sizes, source=vocab.source,
-               first_free=first_free)
+    gguf = gguf_import.gguf_path(path)
+    if gguf is not None:
+      return cls.from_gguf(gguf, codebook_sizes, first_free)
+    return cls.from_tokenizer_file(path, codebook_sizes, first_free)
 
   @classmethod
-  def from_tokenizer_file(cls, path: os.PathLike | str,
-                          codebook_sizes: Sequence[int]) -> PretrainedVocab:
+  def from_tokenizer_file(cls,
+                          path: os.PathLike | str,
+                          codebook_sizes: Sequence[int],
+                          first_free: int | None = None) -> PretrainedVocab:
     """A Hugging Face `tokenizer.json` (or a checkpoint directory holding
     one) + the SID block."""
     path = pathlib.Path(path)
@@ -143,7 +143,7 @@ class PretrainedVocab(sid_tokens.SidTokens):
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no tokenizer.json")
     return cls(tokenizers.Tokenizer.from_file(str(path)), codebook_sizes,
-               source={"tokenizer_json": str(path)})
+               source={"tokenizer_json": str(path)}, first_free=first_free)
 
   def save(self, directory: os.PathLike | str) -> pathlib.Path:
     """Writes tokenizer.json, then vocab.json (atomically each; the header

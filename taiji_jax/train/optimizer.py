@@ -80,26 +80,21 @@ def labels(params: Any, patterns: Sequence[str],
   """
   compiled = [re.compile(p) for p in patterns]
   kept = [re.compile(p) for p in train_only]
-  paths = [
-      param_path(path) + "/"
-      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-  ]
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [param_path(path) + "/" for path, _ in leaves]
   unused = [p for p, c in zip(list(patterns) + list(train_only),
                               compiled + kept)
-            if not any(c.search(x) for x in paths)]
+            if not any(c.search(x) for x in names)]
   if unused:
     raise ValueError(f"train.freeze / freeze_layers / train_only: {unused} "
-                     f"match no parameter; paths look like {paths[:3]}.")
+                     f"match no parameter; paths look like {names[:3]}.")
 
-  def label(path, _):
-    name = param_path(path) + "/"
-    if any(c.search(name) for c in compiled):
-      return FROZEN
-    if kept and not any(c.search(name) for c in kept):
-      return FROZEN
-    return TRAINED
+  def label(name):
+    frozen = any(c.search(name) for c in compiled) or (
+        kept and not any(c.search(name) for c in kept))
+    return FROZEN if frozen else TRAINED
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  return jax.tree_util.tree_unflatten(treedef, [label(n) for n in names])
 
 
 def from_config(config: ml_collections.ConfigDict,

@@ -101,6 +101,8 @@ def batch_putter(mesh: jax.sharding.Mesh, rules: sharding.Rules):
   single-process run this is a plain device_put.
   """
 
+  blocks = {}  # global rows -> this process's block (same every batch)
+
   def put(batch: dict, rows: int | None = None) -> dict:
     out = {}
     for k, v in batch.items():
@@ -109,7 +111,9 @@ def batch_putter(mesh: jax.sharding.Mesh, rules: sharding.Rules):
       global_shape = (total,) + v.shape[1:]
       spec = sharding.data_sharding(mesh, v.ndim, rules, global_shape)
       if rows is None:
-        v = v[sharding.process_rows(mesh, total, rules)]
+        if total not in blocks:
+          blocks[total] = sharding.process_rows(mesh, total, rules)
+        v = v[blocks[total]]
       out[k] = jax.make_array_from_process_local_data(spec, v, global_shape)
     return out
 
