@@ -58,6 +58,9 @@ def get_config(arg=None):
   c.max_prefix = 32  # <bos> + "User: <profile>." + " History:" tokens.
   # Title tokens after each history item's SID (context only); 0: SIDs only.
   c.history_titles = 0
+  # Next-item rows kept per user, most recent first (0: every window, each
+  # training interaction a target once); a budget for big models.
+  c.rows_per_user = 0
 
   # Copies per epoch of each alignment task's rows (0: left out).
   c.tasks = ml_collections.ConfigDict({"item_to_sid": 1, "sid_to_title": 0})
@@ -92,12 +95,19 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0
   c.train.patience = 2  # evaluations without valid improvement.
   c.train.checkpoint_every_epochs = 1
+  # Within an epoch (0: once per epoch / every checkpoint_every_epochs):
+  # metrics records and checkpoints every n steps (long epochs of big models).
+  c.train.log_every_steps = 0
+  c.train.checkpoint_every_steps = 0
   # Frozen parameters (train/optimizer.py): the lower n decoder blocks, and
   # regular expressions over parameter paths ("^embed", "blocks/0/attn/").
   c.train.freeze_layers = 0
   c.train.freeze = ()
   # Or train only what these match (LoRA: ("lora_", "^embed")).
   c.train.train_only = ()
+  # With model.pretrained: the learning rate of the rows it lacks (markers,
+  # SIDs) is lr x this (train/optimizer.py, scale_rows).
+  c.train.new_rows_lr_scale = 1.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20)

@@ -189,12 +189,22 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 @pytest.mark.parametrize("fields", [
     dict(num_steps=0),
-    dict(num_steps=10, log_every=3, eval_every=4),
-    dict(num_steps=10, log_every=2, checkpoint_every=3),
+    dict(num_steps=10, log_every=0),
+    dict(num_steps=10, eval_every=-1),
+    dict(num_steps=10, checkpoint_every=-2),
 ])
 def test_schedules_that_cannot_be_kept_are_refused(fields):
   with pytest.raises(ValueError, match="Schedule"):
     fit_lib.Schedule(**fields)
+
+
+def test_records_close_at_log_evaluation_and_checkpoint_steps():
+  """An epoch need not be a multiple of the log interval: records close
+  every log_every steps and also wherever the loop evaluates or saves."""
+  schedule = fit_lib.Schedule(
+      num_steps=10, log_every=3, eval_every=4, checkpoint_every=5)
+  assert [s for s in range(1, 11) if schedule.records(s)] == [
+      3, 4, 5, 6, 8, 9, 10]
 
 
 def test_step_batches_resume_from_the_iterator_state():

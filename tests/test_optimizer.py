@@ -66,6 +66,34 @@ def test_freeze_patterns_fix_the_embedding():
   assert any(v for p, v in changed.items() if p.startswith("blocks/"))
 
 
+def test_new_rows_train_at_their_own_learning_rate():
+  """`new_rows_lr_scale` = 3 from id 30: the updates of embedding rows >= 30
+  are exactly 3x the unscaled ones; every other update is equal."""
+  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=40, max_seq_len=16)
+  params = nnx.state(decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(
+      lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  updates = {}
+  for scale in (1.0, 3.0):
+    tx = optimizer.from_config(_config(new_rows_lr_scale=scale), 10, 30)
+    opt = tx.init(params)
+    for _ in range(2):  # the first step's learning rate is 0 (warmup)
+      u, opt = tx.update(grads, opt, params)
+    updates[scale] = jax.tree.map(np.asarray, u)
+  plain, scaled = updates[1.0], updates[3.0]
+  e1, e3 = plain["embed"][...], scaled["embed"][...]
+  assert np.abs(e1[30:]).min() > 0
+  np.testing.assert_allclose(e3[30:], 3 * e1[30:], rtol=1e-6)
+  np.testing.assert_array_equal(e3[:30], e1[:30])
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(scaled)):
+    if a.shape != e1.shape:
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="pretrained vocabulary"):
+    optimizer.from_config(_config(new_rows_lr_scale=3.0), 10)
+  with pytest.raises(ValueError, match="> 0"):
+    optimizer.from_config(_config(new_rows_lr_scale=0.0), 10, 30)
+
+
 @pytest.mark.parametrize("train, match", [
     (dict(freeze=("blocks/9/",)), "match no parameter"),
     (dict(freeze_layers=5), "match no parameter"),

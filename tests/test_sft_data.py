@@ -27,14 +27,20 @@ def _items_of(tokens, vocab, levels=3):
   return [tuple(vocab.ids_to_codes(np.asarray(s)).tolist()) for s in sid]
 
 
-def test_every_training_target_appears_once_with_its_history(setup):
+def _rows(setup, max_items):
   dataset, sids, vocab, split = setup
-  item_tokens = vocab.item_token_table(sids)
   users = np.arange(1, dataset.num_users + 1)
   seqs = split["train"]["sequences"]
   prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix=40)
   rows = sid_rows.next_item_rows(
-      seqs, users, item_tokens, prefixes, max_items=6, max_prefix=40, pad_id=0)
+      seqs, users, vocab.item_token_table(sids), prefixes,
+      max_items=max_items, max_prefix=40, pad_id=0)
+  return users, seqs, prefixes, rows
+
+
+def test_every_training_target_appears_once_with_its_history(setup):
+  dataset, sids, vocab, split = setup
+  users, seqs, prefixes, rows = _rows(setup, max_items=6)
   assert rows["tokens"].shape[1] == 40 + 7 * 3
   want = sum(max(len(s) - 1, 0) for s in seqs)
   assert rows["num_targets"] == want
@@ -65,6 +71,25 @@ def test_every_training_target_appears_once_with_its_history(setup):
   assert set(seen) == {
       (u, p) for u, s in zip(users, seqs) for p in range(1, len(s))
   }
+
+
+def test_most_recent_rows_keep_each_users_last_windows(setup):
+  """`rows_per_user`: every user keeps exactly their k windows nearest the
+  end of the training sequence; the targets are recounted."""
+  _, seqs, _, rows = _rows(setup, max_items=4)
+  assert sid_rows.most_recent_rows(rows, 0, 3) is rows
+  for k in (1, 2):
+    kept = sid_rows.most_recent_rows(rows, k, 3)
+    per_user = np.bincount(rows["users"])
+    assert np.array_equal(np.bincount(kept["users"], minlength=len(per_user)),
+                          np.minimum(per_user, k))
+    # The kept rows are the first k of each user's rows (the latest windows).
+    first = {}
+    want = [i for i, u in enumerate(rows["users"].tolist())
+            if first.setdefault(u, i) > i - k]
+    np.testing.assert_array_equal(kept["tokens"], rows["tokens"][want])
+    assert kept["num_targets"] == kept["loss_mask"].sum() // 3
+    assert kept["num_targets"] == sum(min(len(s) - 1, 4 * k) for s in seqs)
 
 
 def test_prompts_end_with_the_latest_history_sids(setup):

@@ -11,7 +11,6 @@ import pytest
 
 from taiji_jax import config_lib
 from taiji_jax import sharding
-from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.models import gguf_import
 from taiji_jax.quantize import semantic_ids as sid_lib
 from taiji_jax.sidlm import rows as sid_rows
@@ -61,11 +60,8 @@ def smoke_sids(tmp_path_factory):
 def tiny_llama(tmp_path_factory):
   """(path, config) of a tiny random Llama written as a GGUF file, with a
   byte-level BPE tokenizer and 300 embedding rows."""
-  cfg = decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
   path = tmp_path_factory.mktemp("tiny_llama") / "lm.gguf"
-  gguf_testing.write_gguf(path, cfg, decoder_lib.Decoder(cfg,
-                                                         rngs=nnx.Rngs(0)))
-  return path, cfg
+  return path, gguf_testing.write_tiny_llama(path)
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +344,27 @@ def test_a_pretrained_run_killed_mid_epoch_resumes_to_the_same_result(
   runs.resume(command(killed))
   a = runs.assert_same_run(straight, killed)
   assert a["test"]["legal_items"] == 1.0
+
+
+def test_the_smollm2_smoke_config_trains_from_the_tiny_random_llama(
+    tmp_path, smoke_sids, monkeypatch):
+  """`configs/ml100k_smollm2.py:smoke`: the project's tiny random Llama
+  (written once into the model cache, the same bytes every time) is the
+  checkpoint; the budget keeps one row per user plus the item -> SID rows;
+  records and checkpoints fall every 3 and 6 steps inside the 7-step
+  epochs, and at the evaluations."""
+  monkeypatch.setenv("TAIJI_MODEL_CACHE_DIR", str(tmp_path / "models"))
+  path = gguf_import.gguf_path(gguf_import.TINY_RANDOM_LLAMA)
+  again = tmp_path / "again.gguf"
+  gguf_testing.write_tiny_llama(again)
+  assert path.read_bytes() == again.read_bytes()
+  config = _config("ml100k_smollm2.py", "smoke", sids_workdir=str(smoke_sids))
+  results = sft_stage.train_and_evaluate(config, tmp_path / "sft")
+  vocab = pretrained_vocab.load_vocab(tmp_path / "sft" / "vocab")
+  assert vocab.first_new_id == 300
+  dataset = artifacts.dataset(config)
+  assert results["train_rows"] == dataset.num_users + dataset.num_items
+  assert results["test"]["legal_items"] == 1.0
+  steps = [r["step"] for r in runs.metric_records(tmp_path / "sft")]
+  assert steps == [3, 6, 7, 9, 12, 14]
+  assert runs.checkpoint_steps(tmp_path / "sft")[-1] == 14

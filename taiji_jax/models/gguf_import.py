@@ -105,13 +105,35 @@ def resolve_pretrained(name: str) -> pathlib.Path:
   return directory / filename
 
 
+# A model the project makes itself, for smoke configs and tests: a tiny
+# random Llama (`taiji_jax.testing.gguf.write_tiny_llama`: seed 0, a
+# byte-level BPE tokenizer, 300 embedding rows) in the GGUF format, written
+# once into the model cache. It writes no English; it runs every code path
+# a real checkpoint does.
+TINY_RANDOM_LLAMA = "tiny-random-llama"
+
+
+def tiny_random_llama() -> pathlib.Path:
+  """The cached `TINY_RANDOM_LLAMA` file, written (atomically) if absent."""
+  path = fetch.model_cache_root() / TINY_RANDOM_LLAMA / "model.gguf"
+  if not path.is_file():
+    from taiji_jax.testing import gguf as gguf_testing  # pylint: disable=g-import-not-at-top
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    gguf_testing.write_tiny_llama(tmp)
+    os.replace(tmp, path)
+  return path
+
+
 def gguf_path(path_or_name: os.PathLike | str) -> pathlib.Path | None:
   """The .gguf file `path_or_name` means: a `PRETRAINED` name (fetched and
-  verified if needed) or a path ending in .gguf; None for anything else
-  (e.g. a Hugging Face checkpoint directory)."""
+  verified if needed), `TINY_RANDOM_LLAMA`, or a path ending in .gguf; None
+  for anything else (e.g. a Hugging Face checkpoint directory)."""
   s = str(path_or_name)
   if not os.path.exists(s) and s in PRETRAINED:
     return resolve_pretrained(s)
+  if not os.path.exists(s) and s == TINY_RANDOM_LLAMA:
+    return tiny_random_llama()
   return pathlib.Path(s) if s.endswith(".gguf") else None
 
 

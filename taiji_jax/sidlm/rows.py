@@ -166,6 +166,27 @@ def next_item_rows(sequences: Sequence[np.ndarray],
   }
 
 
+def most_recent_rows(rows: dict[str, np.ndarray], per_user: int,
+                     levels: int) -> dict[str, np.ndarray]:
+  """The first `per_user` rows of each user in `next_item_rows`' output:
+  the windows nearest the end of their training sequence (a budget that
+  keeps every user and their most recent interactions); 0 keeps all.
+
+  `num_targets` is recounted for the rows kept (`levels` SID tokens each).
+  """
+  if per_user <= 0:
+    return rows
+  users = rows["users"]
+  # Rank of each row among its user's rows (rows of a user are contiguous,
+  # most recent window first).
+  first = np.r_[True, users[1:] != users[:-1]]
+  starts = np.maximum.accumulate(np.where(first, np.arange(len(users)), 0))
+  keep = np.arange(len(users)) - starts < per_user
+  out = {k: v[keep] for k, v in rows.items() if k != "num_targets"}
+  out["num_targets"] = int(out["loss_mask"].sum() // levels)
+  return out
+
+
 def prompt_rows(histories: np.ndarray,
                 users: np.ndarray,
                 item_tokens: np.ndarray,

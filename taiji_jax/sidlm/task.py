@@ -98,6 +98,15 @@ def build_vocab(config: ml_collections.ConfigDict,
       workdir=pathlib.Path(workdir) / "vocab")
 
 
+def new_rows_from(vocab: sid_tokens.SidTokens) -> int | None:
+  """The first id a pretrained checkpoint has no embedding row for (its
+  markers and SIDs: `train.new_rows_lr_scale` applies from there), None for
+  a vocabulary trained with the model (every row is new)."""
+  if isinstance(vocab, pretrained_vocab.PretrainedVocab):
+    return vocab.first_new_id
+  return None
+
+
 def row_length(config: ml_collections.ConfigDict, levels: int) -> int:
   """Tokens per training row: prefix + (max_items + 1) SIDs (+ titles)."""
   return config.max_prefix + (config.max_items + 1) * (
@@ -124,7 +133,8 @@ def training_rows(
 
   `config.tasks.<alignment task>` is how many copies of that task's rows go
   into each epoch (0 leaves it out); `titles` (`history_titles`) follow
-  every SID of the next-item rows.
+  every SID of the next-item rows; `config.rows_per_user` > 0 keeps only
+  each user's most recent next-item rows (`rows_lib.most_recent_rows`).
   """
   train = split["train"]
   rows = rows_lib.next_item_rows(
@@ -137,6 +147,8 @@ def training_rows(
       vocab.pad_id,
       titles=titles,
       max_title=config.history_titles)
+  rows = rows_lib.most_recent_rows(rows, int(config.get("rows_per_user", 0)),
+                                   item_tokens.shape[1])
   tokens, masks = [rows["tokens"]], [rows["loss_mask"]]
   length = rows["tokens"].shape[1]
   for task in ALIGNMENT_TASKS:
@@ -378,7 +390,7 @@ def build(config: ml_collections.ConfigDict,
   only.
   """
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  tx = optimizer.from_config(config, total_steps)
+  tx = optimizer.from_config(config, total_steps, new_rows_from(vocab))
   pad_id = vocab.pad_id
   graphdef, init_state = state_init_fn(model_cfg, tx, config.seed)
   state, state_shardings = train_state.init_sharded(init_state, mesh, rules)

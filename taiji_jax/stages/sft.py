@@ -76,9 +76,17 @@ def check_settings(config: ml_collections.ConfigDict,
   """The settings, before any work (`taiji_jax.config_checks`)."""
   checks.epoch_trainer(config, prefix, sizes=("max_items", "max_prefix"))
   checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
+  counts = [k for k in ("rows_per_user", "train.log_every_steps",
+                        "train.checkpoint_every_steps")
+            if k.split(".")[-1] in (config.train if "." in k else config)]
+  checks.positive(config, counts, prefix, allow_zero=counts)
   try:
     optimizer.frozen_patterns(config)
     optimizer.trained_patterns(config)
+    if optimizer.new_rows_scale(config) != 1.0 and not task.pretrained(config):
+      raise ValueError("train.new_rows_lr_scale applies to the rows a "
+                       "pretrained vocabulary adds; set model.pretrained or "
+                       "leave it at 1.0.")
   except ValueError as e:
     raise checks.ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 

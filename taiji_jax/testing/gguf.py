@@ -125,6 +125,19 @@ def write_gguf(path: os.PathLike | str,
   w.close()
 
 
+def tiny_llama_config() -> decoder_lib.DecoderConfig:
+  """The config of `write_tiny_llama`'s model."""
+  return decoder_lib.DecoderConfig.tiny(vocab_size=300, attention_bias=False)
+
+
+def write_tiny_llama(path: os.PathLike | str) -> decoder_lib.DecoderConfig:
+  """Writes the tiny random Llama of `gguf_import.TINY_RANDOM_LLAMA` (the
+  same bytes every time: parameters from seed 0, `tiny_tokenizer`)."""
+  cfg = tiny_llama_config()
+  write_gguf(path, cfg, decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)))
+  return cfg
+
+
 def _to_torch_layout(hf_name: str, ours: np.ndarray,
                      cfg: decoder_lib.DecoderConfig) -> np.ndarray:
   """The inverse of `hf_import.hf_layout`'s conversions."""

@@ -212,6 +212,12 @@ class PretrainedVocab(sid_tokens.SidTokens):
     return self._sid_end
 
   @property
+  def first_new_id(self) -> int:
+    """F: the first id of the added markers and SIDs (the checkpoint's
+    embedding has rows [0, F) for its own tokens)."""
+    return self._base
+
+  @property
   def num_text_pieces(self) -> int:
     """T: the pretrained tokenizer's ids, its own specials included."""
     return self._num_text

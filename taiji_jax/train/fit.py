@@ -50,7 +50,8 @@ class Schedule:
 
   Attributes:
     num_steps: steps of a complete run.
-    log_every: steps per metrics record (an epoch for the epoch trainers).
+    log_every: steps per metrics record (an epoch for the epoch trainers);
+      a record also closes at every evaluation and checkpoint step.
     eval_every: steps between valid evaluations, also at the last step; 0:
       no evaluation (the final parameters are the result).
     checkpoint_every: steps between checkpoints (0: only when done).
@@ -71,10 +72,14 @@ class Schedule:
       raise ValueError(f"Schedule: num_steps and log_every must be >= 1, "
                        f"got {self}.")
     for name in ("eval_every", "checkpoint_every"):
-      every = getattr(self, name)
-      if every < 0 or every % self.log_every:
-        raise ValueError(f"Schedule: {name}={every} must be a non-negative "
-                         f"multiple of log_every={self.log_every}.")
+      if getattr(self, name) < 0:
+        raise ValueError(f"Schedule: {name}={getattr(self, name)} must be "
+                         ">= 0.")
+
+  def records(self, step: int) -> bool:
+    """Whether a metrics record closes after `step`."""
+    return (step % self.log_every == 0 or step == self.num_steps or
+            self.evaluates(step) or self.saves(step, False))
 
   def evaluates(self, step: int) -> bool:
     return bool(self.eval_every) and (step % self.eval_every == 0 or
@@ -215,7 +220,7 @@ def fit(state: Any,
     window.append(metrics)
     step += 1
     bar.update(1)
-    if step % schedule.log_every and step != schedule.num_steps:
+    if not schedule.records(step):
       continue
     entry = dict(record(window, step, meta))
     if schedule.steps_per_epoch:
@@ -252,13 +257,18 @@ def fit(state: Any,
 def epoch_schedule(config: Any, steps_per_epoch: int) -> Schedule:
   """The `Schedule` of an epoch trainer's config (SASRec, SFT): train.*
   num_epochs, patience, checkpoint_every_epochs; eval.every_epochs and
-  early_stop_metric."""
+  early_stop_metric. For long epochs (a pretrained model), the optional
+  train.log_every_steps and train.checkpoint_every_steps (0 or absent: once
+  per epoch, and every checkpoint_every_epochs) log and save within one."""
   t, e = config.train, config.eval
+  log_steps = int(t.get("log_every_steps", 0) or 0)
+  ckpt_steps = int(t.get("checkpoint_every_steps", 0) or 0)
   return Schedule(
       num_steps=steps_per_epoch * int(t.num_epochs),
-      log_every=steps_per_epoch,
+      log_every=log_steps or steps_per_epoch,
       eval_every=steps_per_epoch * int(e.every_epochs),
-      checkpoint_every=steps_per_epoch * int(t.checkpoint_every_epochs),
+      checkpoint_every=ckpt_steps or
+      steps_per_epoch * int(t.checkpoint_every_epochs),
       patience=int(t.patience),
       metric=e.early_stop_metric,
       steps_per_epoch=steps_per_epoch)

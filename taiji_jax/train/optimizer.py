@@ -13,6 +13,12 @@ parameters get a zero update and keep no optimizer moments
 the products that would form their weight gradients (`set_to_zero` discards
 them); the backward pass still runs through a frozen layer when a trained
 parameter lies below it (the embedding, the LoRA updates).
+
+The vocabulary rows a pretrained model did not have (the markers and SID
+tokens of a `PretrainedVocab`) can train at their own learning rate:
+`config.train.new_rows_lr_scale` multiplies the update of embedding rows
+(and untied head columns) from `new_rows_from` on (`scale_rows`), after
+AdamW, so it is exactly lr x scale for those rows (weight decay included).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -97,14 +104,49 @@ def labels(params: Any, patterns: Sequence[str],
   return jax.tree_util.tree_unflatten(treedef, [label(n) for n in names])
 
 
+# The vocabulary-sized parameters and the axis of their vocabulary rows.
+VOCAB_AXES = {"embed": 0, "lm_head": 1}
+
+
+def scale_rows(start: int, scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates of vocabulary ids >= `start` by `scale`: rows of
+  `embed` (V, H) and columns of an untied `lm_head` (H, V); every other
+  update passes unchanged. Stateless."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def one(path, u):
+      axis = VOCAB_AXES.get(param_path(path))
+      if axis is None:
+        return u
+      ids = jax.lax.broadcasted_iota(jnp.int32, u.shape, axis)
+      return jnp.where(ids >= start, u * scale, u)
+
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def new_rows_scale(config: ml_collections.ConfigDict) -> float:
+  """`config.train.new_rows_lr_scale` (1.0 when absent), checked > 0."""
+  scale = float(config.train.get("new_rows_lr_scale", 1.0))
+  if not scale > 0:
+    raise ValueError(f"train.new_rows_lr_scale must be > 0, got {scale}.")
+  return scale
+
+
 def from_config(config: ml_collections.ConfigDict,
-                total_steps: int) -> optax.GradientTransformation:
+                total_steps: int,
+                new_rows_from: int | None = None
+               ) -> optax.GradientTransformation:
   """AdamW with linear warmup and constant or cosine decay, grad clipping.
 
   Reads config.train: lr, warmup_steps, schedule ("cosine" | "constant"),
-  grad_clip (0: none), b1, b2, weight_decay, and optionally freeze_layers
-  and freeze (module docstring). `total_steps` is the number of updates the
-  schedule spans.
+  grad_clip (0: none), b1, b2, weight_decay, and optionally freeze_layers,
+  freeze, train_only and new_rows_lr_scale (module docstring; the scale
+  applies from vocabulary id `new_rows_from`, and is an error without
+  one). `total_steps` is the number of updates the schedule spans.
   """
   t = config.train
   warmup = min(t.warmup_steps, max(total_steps - 1, 0))
@@ -123,6 +165,13 @@ def from_config(config: ml_collections.ConfigDict,
   if t.grad_clip:
     chain.append(optax.clip_by_global_norm(t.grad_clip))
   chain.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+  scale = new_rows_scale(config)
+  if scale != 1.0:
+    if new_rows_from is None:
+      raise ValueError(f"train.new_rows_lr_scale={scale} needs a pretrained "
+                       "vocabulary (model.pretrained): every row is new "
+                       "otherwise.")
+    chain.append(scale_rows(new_rows_from, scale))
   tx = optax.chain(*chain)
   patterns, train_only = frozen_patterns(config), trained_patterns(config)
   if not patterns and not train_only:
