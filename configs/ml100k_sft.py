@@ -14,12 +14,12 @@ constrained beam search (beams = max(ks)) that never returns a seen item,
 as SASRec's masked full ranking.
 
 Expected with the default fused RQ-VAE SIDs of `configs/ml100k_sids.py`
-(seed 0; 449k parameters, vocab 1202, 87 steps per epoch, ~55-80 s per
-epoch and ~13 s per valid evaluation on 2 CPU cores): `make run` measured
-test Recall@10 0.1135 / NDCG@10 0.0594 (valid NDCG@10 0.0595 at epoch 6),
-against SASRec's 0.2057 / 0.1089; with `train.num_epochs=8` and
-`eval.every_epochs=1`, 0.1251 / 0.0642. README, "The SID-LLM", has every
-run behind these defaults.
+(seed 0; 449k parameters, vocab 1202, 87 steps per epoch): `make run`
+measured on 2026-12-04 (2 CPU cores, nothing else running; 39-50 s per
+epoch, 9-11 s per valid evaluation) test Recall@10 0.0997 / NDCG@10 0.0531
+(valid NDCG@10 0.0614 at epoch 6), against SASRec's 0.2057 / 0.1089.
+README, "The SID-LLM", has the runs behind these defaults (some on older
+code) and the pretrained SmolLM2 run (`configs/ml100k_smollm2.py`).
 
 Variants: `:smoke` (synthetic data, tiny decoder, seconds; SIDs from
 `configs/ml100k_sids.py:smoke`). Any field can be overridden, e.g.
@@ -71,6 +71,9 @@ def get_config(arg=None):
   # Hugging Face directory): its tokenizer, config and weights; the preset
   # is then unused and the overrides apply on top of its config.
   c.model.pretrained = ""
+  # False: the checkpoint's tokenizer and architecture but freshly drawn
+  # weights (init_std), the control of what the pretrained weights add.
+  c.model.pretrained_weights = True
   c.model.overrides = ml_collections.ConfigDict(
       dict(
           hidden_size=128,

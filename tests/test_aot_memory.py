@@ -123,6 +123,14 @@ def test_sft_bench_runs_two_steps():
   untied = bench.flops_per_token(_cfg(tie_embeddings=False), 15)
   assert untied["n_matmul"] == untied["num_params"] - cfg.vocab_size * 32
   assert bench.markdown_row(r).startswith("| cpu")
+  assert r["flops_per_step"] == 4 * 15 * r["flops_per_token"]
+  # The loss on the last 5 tokens: the head runs at 5 of 15 positions.
+  five = bench.run(cfg, config, batch_size=4, seq_len=16, steps=1,
+                   mesh=_one_device(), compiler_options=FAST,
+                   targets_per_row=5)
+  assert math.isfinite(five["final_loss"])
+  head = 6 * cfg.vocab_size * cfg.hidden_size
+  assert five["flops_per_step"] == r["flops_per_step"] - 4 * 10 * head
 
 
 def test_beam_search_bench_runs_and_excludes_history():

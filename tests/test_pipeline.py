@@ -60,6 +60,11 @@ def test_unknown_stage_is_an_error(tmp_path):
     ({"sasrec.train.batch_size": 0}, "sasrec.train.batch_size=0: must be"),
     ({"sft.train.lr": -1e-3}, "sft.train.lr=-0.001: must be a number > 0"),
     ({"sft.train.freeze_layers": -2}, "sft.train.freeze_layers must be >= 0"),
+    ({"sft.train.new_rows_lr_scale": 10.0},
+     "sft.train.new_rows_lr_scale applies to the rows a pretrained"),
+    ({"sft.model.pretrained_weights": False},
+     "sft.model.pretrained_weights=False takes the tokenizer"),
+    ({"sft.rows_per_user": -1}, "sft.rows_per_user=-1: must be"),
     ({"rl.weighting": "popoo"}, "rl: unknown reward weighting .popoo."),
 ])
 def test_a_bad_setting_in_any_stage_fails_before_anything_runs(

@@ -24,6 +24,7 @@ from taiji_jax.stages import sasrec as sasrec_stage
 from taiji_jax.stages import sft as sft_stage
 from taiji_jax.stages import sids as sids_stage
 from taiji_jax.testing import runs
+from taiji_jax.text import pretrained_vocab
 from taiji_jax.train import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -208,6 +209,39 @@ def test_reasoning_rollouts_with_dynamic_sampling_and_the_hit_beam(
     assert r["skipped"] == 0 and np.isfinite(r["loss"])
   assert results["objective_config"]["eps_high"] == 0.28  # clip-higher
   assert results["test"]["legal_items"] == 1.0
+
+
+@pytest.mark.slow
+def test_rl_from_a_pretrained_llm_rolls_out_and_reasons_in_its_tokenizer(
+    stages, tmp_path, monkeypatch):
+  """The SFT run of `configs/ml100k_smollm2.py:smoke` (the tiny random
+  Llama GGUF: its BPE tokenizer, the SID tokens added after its 300 rows)
+  is the policy of plain and of think-then-answer rollouts: both train,
+  rank only legal items and measure the rationale in its own tokens."""
+  monkeypatch.setenv("TAIJI_MODEL_CACHE_DIR", str(tmp_path / "models"))
+  sft = tmp_path / "sft"
+  sft_stage.train_and_evaluate(
+      _config("ml100k_smollm2.py", sids_workdir=str(stages / "sids")), sft)
+  vocab = pretrained_vocab.load_vocab(sft / "vocab")
+  assert isinstance(vocab, pretrained_vocab.PretrainedVocab)
+  for arg in ("smoke", "smoke,think,objective=dapo"):
+    workdir = tmp_path / arg.replace(",", "_").replace("=", "_")
+    config = _config(
+        "ml100k_rl.py", arg, **{
+            "sft_workdir": str(sft),
+            "sasrec_workdir": str(stages / "sasrec"),
+            "train.num_steps": 2,
+            "eval.every_steps": 0,
+        })
+    results = rl_stage.train_and_evaluate(config, workdir)
+    records = rl_stage.read_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert results["test"]["legal_items"] == 1.0
+    if "think" in arg:
+      for r in records:
+        assert 0 < r["think/length"] <= config.rollout.max_think
+        assert 0.0 <= r["think/closed"] <= 1.0
 
 
 def test_training_prompts_end_before_each_users_last_training_item(stages):

@@ -159,6 +159,49 @@ def test_train_step_loss_equals_a_direct_computation(small_setup):
   assert np.isfinite(float(metrics["grad_norm"]))
 
 
+def test_the_head_at_the_loss_positions_only_gives_the_same_loss_and_grads(
+    small_setup):
+  """`loss_positions`: the LM head runs at the K target positions of each
+  row, not at all T; loss and gradients equal the full-head ones."""
+  config, _, sids, vocab, _, rows = small_setup
+  model_cfg = task.model_config(config, vocab.size)
+  setup = task.build(config, model_cfg, 10,
+                     sharding.make_mesh(config.mesh.to_dict()), sids, vocab)
+  batch = next(task.epoch_batches(rows, 8, 0, 0, vocab.pad_id, bucket=8))
+  k = batch["loss_positions"].shape[1]
+  assert k == task.max_targets(rows["loss_mask"], batch["tokens"].shape[1])
+  assert k < batch["tokens"].shape[1] - 1  # the point: fewer than T
+  full = {n: batch[n] for n in ("tokens", "loss_mask")}
+
+  def loss(params, b):
+    return task.sft_loss(nnx.merge(setup.graphdef, params), b, vocab.pad_id)
+
+  params = setup.state["params"]
+  (want, want_n), want_g = jax.value_and_grad(loss, has_aux=True)(params, full)
+  (got, got_n), got_g = jax.value_and_grad(loss, has_aux=True)(params, batch)
+  assert int(got_n) == int(want_n) == int(batch["loss_mask"][:, 1:].sum())
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_loss_positions_list_each_rows_targets_and_refuse_too_few():
+  mask = np.array([[0, 0, 1, 1, 0, 1],
+                   [0, 0, 0, 0, 0, 1],
+                   [0, 0, 0, 0, 0, 0]], bool)
+  got = task.loss_positions(mask, 4)
+  # Input t predicts token t + 1: the targets at 2, 3, 5 -> inputs 1, 2, 4.
+  np.testing.assert_array_equal(
+      got, [[1, 2, 4, -1], [4, -1, -1, -1], [-1, -1, -1, -1]])
+  with pytest.raises(ValueError, match="3 target tokens, more than the 2"):
+    task.loss_positions(mask, 2)
+  # Only rows whose targets lie in the last `width` columns count.
+  assert task.max_targets(mask, 6) == 3
+  assert task.max_targets(mask, 3) == 1
+  assert task.max_targets(mask[2:], 6) == 0
+
+
 def test_epoch_batches_are_seeded_and_cover_every_row(small_setup):
   rows = small_setup[-1]
   n = len(rows["tokens"])

@@ -16,7 +16,9 @@ vocabulary unless `--vocab_size`); `--config.train.lr=...` etc. as usual.
 
 The step is the SFT trainer's own (`task.make_train_step` +
 `task.jit_train_step`, state donated) on random, fixed token batches already
-on the device (no padding; loss on every target), so the figures exclude the
+on the device (no padding; loss on every token, or with `--targets_per_row`
+on each row's last N only, the LM head then run at those positions only),
+so the figures exclude the
 input pipeline. Compilation and the first step are timed separately from
 the `--steps` timed steps (one `jax.block_until_ready` at the end).
 
@@ -89,16 +91,22 @@ def random_batches(num: int,
                    batch_size: int,
                    seq_len: int,
                    vocab_size: int,
-                   seed: int = 0) -> list[dict[str, np.ndarray]]:
-  """Deterministic random rows: tokens in [1, V), loss on all but token 0."""
+                   seed: int = 0,
+                   targets_per_row: int = 0) -> list[dict[str, np.ndarray]]:
+  """Deterministic random rows: tokens in [1, V), loss on all but token 0;
+  with `targets_per_row` > 0 on each row's last that many tokens only, the
+  head run at those positions only (`task.loss_positions`), as in SFT."""
   rng = np.random.default_rng(seed)
   mask = np.ones((batch_size, seq_len), bool)
-  mask[:, 0] = False
+  mask[:, :seq_len - targets_per_row if targets_per_row else 1] = False
+  extra = ({"loss_positions": task.loss_positions(mask, targets_per_row)}
+           if targets_per_row else {})
   return [{
       "tokens":
           rng.integers(1, vocab_size, (batch_size, seq_len), dtype=np.int32),
       "loss_mask":
-          mask
+          mask,
+      **extra,
   } for _ in range(num)]
 
 
@@ -111,7 +119,8 @@ def run(model_cfg: decoder_lib.DecoderConfig,
         rules: sharding.Rules | None = None,
         peak: float | None = None,
         seed: int = 0,
-        compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        compiler_options: Mapping[str, Any] | None = None,
+        targets_per_row: int = 0) -> dict[str, Any]:
   """Compiles and times the SFT train step; returns the measurements.
 
   Args:
@@ -126,6 +135,9 @@ def run(model_cfg: decoder_lib.DecoderConfig,
     seed: parameter and data seed.
     compiler_options: XLA options for the compiles (tests lower the CPU
       backend's optimisation level with them).
+    targets_per_row: > 0: the loss (and the LM head) on each row's last
+      that many tokens only, the SFT rows' shape (their prompts carry no
+      loss); 0: on every token.
   """
   rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
   mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -138,7 +150,7 @@ def run(model_cfg: decoder_lib.DecoderConfig,
   batch_sharding = sharding.data_sharding(mesh, 2, rules, (batch_size, seq_len))
   batches = [
       jax.device_put(b, batch_sharding) for b in random_batches(
-          2, batch_size, seq_len, model_cfg.vocab_size, seed)
+          2, batch_size, seq_len, model_cfg.vocab_size, seed, targets_per_row)
   ]
   with sharding.use_mesh(mesh, rules):
     state = jax.jit(
@@ -163,10 +175,14 @@ def run(model_cfg: decoder_lib.DecoderConfig,
 
   flops = flops_per_token(model_cfg, seq_len - 1)
   tokens_per_step = batch_size * (seq_len - 1)
+  # The head's 6 V D per token is not spent where it does not run.
+  headless = (tokens_per_step - batch_size * targets_per_row
+              if targets_per_row else 0)
+  flops_per_step = (tokens_per_step * flops["flops_per_token"] -
+                    headless * 6 * model_cfg.vocab_size * model_cfg.hidden_size)
   steps_per_s = steps / elapsed
   tokens_per_s = steps_per_s * tokens_per_step
-  tflops_per_device = (
-      tokens_per_s * flops["flops_per_token"] / mesh.size / 1e12)
+  tflops_per_device = steps_per_s * flops_per_step / mesh.size / 1e12
   env = benchmarking.environment_fields(mesh.size)
   if peak is None and env["platform"] != "cpu":
     peak = peak_tflops(jax.devices()[0].device_kind)
@@ -185,6 +201,8 @@ def run(model_cfg: decoder_lib.DecoderConfig,
       "batch_size": batch_size,
       "seq_len": seq_len,
       "tokens_per_step": tokens_per_step,
+      "targets_per_row": targets_per_row,
+      "flops_per_step": int(flops_per_step),
       "steps": steps,
       "compile_s": round(compile_s, 2),
       "first_step_s": round(first_step_s, 3),
@@ -217,6 +235,9 @@ def define_flags():
       "Tokens per row (default: task.row_length of the config and codebooks).")
   flags.DEFINE_bool("remat", None, "Rematerialise blocks (default: model's).")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
+  flags.DEFINE_integer(
+      "targets_per_row", 0,
+      "Loss (and LM head) on each row's last N tokens only; 0: every token.")
   flags.DEFINE_float("peak_tflops", None,
                      "Peak TFLOP/s per device for MFU (default: by kind).")
 
@@ -238,7 +259,8 @@ def main(argv):
       seq_len,
       f.steps,
       bench.mesh,
-      peak=f.peak_tflops)
+      peak=f.peak_tflops,
+      targets_per_row=f.targets_per_row)
   benchmarking.write_result(f.workdir, "sft_train", result,
                             markdown_row(result))
 

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -218,16 +219,56 @@ def epoch_plan(rows: dict[str, np.ndarray],
   return [batches[b] for b in rng.permutation(len(batches))]
 
 
+def max_targets(loss_mask: np.ndarray, width: int) -> int:
+  """The most target tokens of any row that fits in the last `width`
+  columns of `loss_mask` (R, T): the static number of loss positions of
+  every batch of that width. It depends on the rows and the width only, so
+  every process and every epoch gets the same shape, one per bucket."""
+  has = loss_mask.any(1)
+  first = np.where(has, np.argmax(loss_mask, axis=1), loss_mask.shape[1])
+  fits = first >= loss_mask.shape[1] - width + 1
+  counts = loss_mask.sum(1)[fits]
+  return int(counts.max()) if counts.size else 0
+
+
+def loss_positions(loss_mask_bw: np.ndarray, num: int) -> np.ndarray:
+  """(B, num) int32: the input positions t whose next token is a target
+  (`loss_mask_bw[:, t + 1]`), ascending, padded with -1.
+
+  `sft_loss` applies the LM head at these positions only: the (B, T, V)
+  logits of the whole batch (a 49k-way head at every prompt token of a
+  pretrained vocabulary) become (B, num, V), the loss unchanged.
+
+  Raises:
+    ValueError: a row has more than `num` targets (it would lose some).
+  """
+  targets_bw = loss_mask_bw[:, 1:].astype(bool)
+  most = int(targets_bw.sum(1).max(initial=0))
+  if most > num:
+    raise ValueError(f"a row has {most} target tokens, more than the "
+                     f"{num} loss positions of its batch")
+  order = np.argsort(~targets_bw, axis=1, kind="stable")[:, :num]
+  order = np.pad(order, ((0, 0), (0, num - order.shape[1])))
+  real = np.take_along_axis(targets_bw, order, 1) & (
+      np.arange(num) < targets_bw.sum(1, keepdims=True))
+  return np.where(real, order, -1).astype(np.int32)
+
+
 def take_rows(rows: dict[str, np.ndarray], width: int, idx: np.ndarray
              ) -> dict[str, np.ndarray]:
   """The batch of row indices `idx` cut to `width` from the left; arrays of
   `rows` shaped (R, T) like the tokens are cut, others (e.g. a per-row tag)
-  only indexed."""
+  only indexed. With a "loss_mask", the batch also carries its
+  `loss_positions` (`max_targets` of them per row for this width)."""
   length = rows["tokens"].shape[1]
-  return {
+  batch = {
       k: v[idx][:, length - width:] if v.shape[1:] == (length,) else v[idx]
       for k, v in rows.items()
   }
+  if "loss_mask" in batch:
+    batch["loss_positions"] = loss_positions(
+        batch["loss_mask"], max_targets(rows["loss_mask"], width))
+  return batch
 
 
 def epoch_batches(rows: dict[str, np.ndarray],
@@ -305,16 +346,27 @@ def sft_loss(model, batch, pad_id: int, dropout_rng=None):
 
   Input t predicts token t + 1, so the loss mask is shifted with the
   targets; padding is never attended. `dropout_rng` turns on the model's
-  dropout (`DecoderConfig.dropout_rate`).
+  dropout (`DecoderConfig.dropout_rate`). With `batch["loss_positions"]`
+  (B, K) (`loss_positions`; `take_rows` adds them) the head runs at those
+  K positions only; without, at every position. The two give the same loss
+  and gradients.
 
   Returns:
     (mean loss, number of target tokens).
   """
   inputs_bt = batch["tokens"][:, :-1]
-  logits_btv = model(
+  targets_bt = batch["tokens"][:, 1:]
+  h_btd = model.hidden(
       inputs_bt, attention_mask_bt=inputs_bt != pad_id, dropout_rng=dropout_rng)
-  return decoder_lib.next_token_loss(logits_btv, batch["tokens"][:, 1:],
-                                     batch["loss_mask"][:, 1:])
+  if "loss_positions" not in batch:
+    return decoder_lib.next_token_loss(
+        model.logits_from_hidden(h_btd), targets_bt, batch["loss_mask"][:, 1:])
+  positions_bk = batch["loss_positions"]
+  at_bk = jnp.maximum(positions_bk, 0)
+  h_bkd = jnp.take_along_axis(h_btd, at_bk[..., None], axis=1)
+  return decoder_lib.next_token_loss(
+      model.logits_from_hidden(h_bkd),
+      jnp.take_along_axis(targets_bt, at_bk, axis=1), positions_bk >= 0)
 
 
 Setup = train_state.Setup
@@ -328,7 +380,9 @@ def make_train_step(graphdef,
   """`train_step(state, batch) -> (state, metrics)`, pure, not yet jitted.
 
   `state` is {"params", "opt_state", "step"}; `batch` {"tokens",
-  "loss_mask"} (B, T). One step of `tx` on `sft_loss`. The dropout key of a
+  "loss_mask"} (B, T) (and optionally "loss_positions"). One step of `tx`
+  on `sft_loss`; metrics: loss, targets, tokens (real input tokens),
+  grad_norm. The dropout key of a
   step is `fold_in(key(seed), step)`, so a resumed run drops exactly what
   the uninterrupted one did. The SFT trainer, the throughput benchmark and
   the ahead-of-time memory check compile this same function.
@@ -343,6 +397,8 @@ def make_train_step(graphdef,
     metrics = {
         "loss": loss,
         "targets": count,
+        # Real (non-padding) input tokens: tokens/s = their sum / seconds.
+        "tokens": (batch["tokens"][:, :-1] != pad_id).sum(),
         "grad_norm": optax.tree.norm(grads),
     }
     return train_state.apply_gradients(state, grads, tx), metrics

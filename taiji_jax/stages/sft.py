@@ -87,6 +87,10 @@ def check_settings(config: ml_collections.ConfigDict,
       raise ValueError("train.new_rows_lr_scale applies to the rows a "
                        "pretrained vocabulary adds; set model.pretrained or "
                        "leave it at 1.0.")
+    if not config.model.pretrained_weights and not task.pretrained(config):
+      raise ValueError("model.pretrained_weights=False takes the tokenizer "
+                       "and architecture of model.pretrained; set it or "
+                       "leave pretrained_weights at True.")
   except ValueError as e:
     raise checks.ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 
@@ -150,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     best_params = setup.copy_params(state["params"])
     logging.info("initialised from the best parameters of %s",
                  config.init_from)
-  elif not resumed and task.pretrained(config):
+  elif (not resumed and task.pretrained(config) and
+        config.model.pretrained_weights):
     state["params"] = task.pretrained_params(config, setup, vocab.size)
     best_params = setup.copy_params(state["params"])
     logging.info("initialised from the pretrained %s (vocabulary grown to "

@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from taiji_jax import sharding
 from taiji_jax.models import checkpoint_io
