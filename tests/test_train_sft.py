@@ -196,10 +196,25 @@ def test_loss_positions_list_each_rows_targets_and_refuse_too_few():
       got, [[1, 2, 4, -1], [4, -1, -1, -1], [-1, -1, -1, -1]])
   with pytest.raises(ValueError, match="3 target tokens, more than the 2"):
     task.loss_positions(mask, 2)
-  # Only rows whose targets lie in the last `width` columns count.
+  # Targets in the last `width - 1` columns: those a cut row can predict.
   assert task.max_targets(mask, 6) == 3
   assert task.max_targets(mask, 3) == 1
   assert task.max_targets(mask[2:], 6) == 0
+
+
+def test_every_batch_has_room_for_its_targets_when_targets_start_a_row():
+  """Regression (CI, the multihost SFT test): a row whose first target lies
+  in the first column of its cut, or that is not left padded at all, once
+  made `max_targets` too small and `take_rows` raise."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 40, (24, 12)).astype(np.int32)
+  tokens[:12, :6] = 0
+  rows = {"tokens": tokens, "loss_mask": (tokens > 20).astype(np.int32)}
+  for epoch in range(3):
+    for batch in task.epoch_batches(rows, 8, 3, epoch, 0, bucket=6):
+      want = batch["loss_mask"][:, 1:].sum(1)
+      got = (batch["loss_positions"] >= 0).sum(1)
+      np.testing.assert_array_equal(got, want)
 
 
 def test_epoch_batches_are_seeded_and_cover_every_row(small_setup):

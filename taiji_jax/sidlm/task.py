@@ -220,15 +220,16 @@ def epoch_plan(rows: dict[str, np.ndarray],
 
 
 def max_targets(loss_mask: np.ndarray, width: int) -> int:
-  """The most target tokens of any row that fits in the last `width`
-  columns of `loss_mask` (R, T): the static number of loss positions of
-  every batch of that width. It depends on the rows and the width only, so
-  every process and every epoch gets the same shape, one per bucket."""
-  has = loss_mask.any(1)
-  first = np.where(has, np.argmax(loss_mask, axis=1), loss_mask.shape[1])
-  fits = first >= loss_mask.shape[1] - width + 1
-  counts = loss_mask.sum(1)[fits]
-  return int(counts.max()) if counts.size else 0
+  """The most targets any row of `loss_mask` (R, T) can have once cut to its
+  last `width` columns: targets in the last `width - 1` columns (a target in
+  the cut's first column has no input position before it). The static number
+  of loss positions of every batch of that width: it depends on the rows and
+  the width only, so every process and every epoch gets the same shape, one
+  per bucket, and no row of any batch of that width has more."""
+  if width <= 1:
+    return 0
+  return int(loss_mask[:, loss_mask.shape[1] - width + 1:].sum(1).max(
+      initial=0))
 
 
 def loss_positions(loss_mask_bw: np.ndarray, num: int) -> np.ndarray:
