@@ -17,8 +17,11 @@ describes the workdir; the README has the measured table and its runtime.
 
 Variants: `:smoke` (synthetic data, tiny decoder, one seed, a few
 minutes on 2 CPU cores); `:seeds=1` (the first seed only). Any field can be overridden,
-e.g. `--config.cot.orft.scorer=base --config.cot.k=4
---config.cot.max_sentences=1`.
+e.g. `--config.cot.k=4 --config.cot.max_sentences=1`; rationales from an
+instruct LLM (SmolLM2-135M-Instruct) instead of the data:
+`--config.cot.teacher=chat`; ORFT scored by the RUPR-tuned model itself
+(in sample, as the README's first table was):
+`--config.cot.orft.scorer=rupr --config.cot.orft.allow_in_sample=True`.
 """
 
 import pathlib
@@ -60,8 +63,23 @@ def get_config(arg=None):
   c.cot.replay = 1
   c.cot.lr = 5e-4
   c.cot.warmup_steps = 10
+  # Who writes the candidates: "attribute" (teachers.AttributeTeacher, from
+  # the data) or "chat" (an instruct LLM through its chat template,
+  # cot/chat_teacher.py, with the settings below).
+  c.cot.teacher = "attribute"
+  c.cot.chat = ml_collections.ConfigDict()
+  c.cot.chat.model = "SmolLM2-135M-Instruct"  # or a .gguf / HF directory
+  c.cot.chat.max_items = 20  # most recent history items in the prompt
+  c.cot.chat.max_new_tokens = 64
+  c.cot.chat.temperature = 0.7
+  c.cot.chat.batch_size = 16
+  c.cot.chat.noun = "movie"
   c.cot.orft = ml_collections.ConfigDict()
-  c.cot.orft.scorer = "rupr"  # or "base": the model that scores candidates
+  # The model whose answer perplexity scores the candidates: "base" (never
+  # trained on them) or "rupr" (fine-tuned on them: in sample, refused
+  # unless allow_in_sample; the README's first table used it).
+  c.cot.orft.scorer = "base"
+  c.cot.orft.allow_in_sample = False
   c.cot.orft.quantile = 0.5  # R = this quantile of the PPLs (Taiji: median)
   c.cot.orft.batch_size = 64
 
@@ -76,4 +94,9 @@ def get_config(arg=None):
     c.cot.vocab_examples = 40
     c.cot.per_user = 2
     c.cot.orft.batch_size = 16
+    c.cot.chat.model = "tiny-random-llama"
+    c.cot.chat.max_items = 6
+    c.cot.chat.max_new_tokens = 12
+    c.cot.chat.batch_size = 8
+    c.cot.chat.noun = "item"
   return c.lock()

@@ -96,6 +96,9 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
   assert seed["rupr_orft"]["cot_rows"] == int(accepted.sum())
   assert stats["acceptance_rate"] == pytest.approx(accepted.mean())
   assert 0.3 < stats["acceptance_rate"] <= 0.5
+  # Scored out of sample by default, and the stats say by what.
+  assert stats["scorer"] == "base" and stats["in_sample"] is False
+  assert stats["scorer_workdir"].endswith("seed_0/base")
   assert (straight / "seed_0" / "orft" / orft.HISTOGRAM_FILE).is_file()
   kept = [
       json.loads(line) for line in (straight / "seed_0" / "orft" /
@@ -104,6 +107,9 @@ def test_smoke_ablation_rows_orft_and_metrics(two_runs):
   assert [r["ppl"] for r in kept] == ppl[accepted].tolist()
   texts = json.loads(
       (straight / "seed_0" / "data" / "candidates_rupr.json").read_text())
+  assert texts["teacher"] == cot_ablation.teacher_spec(config, "rupr")
+  assert texts["checks"]["num"] == n * k
+  assert 0.0 <= texts["checks"]["off_target_label"] <= 1.0
   assert [r["rationale"] for r in kept
          ] == [t for t, a in zip(texts["texts"], accepted) if a]
 

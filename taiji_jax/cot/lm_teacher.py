@@ -36,15 +36,10 @@ TARGET_TEMPLATE = " Next:"
 
 
 @functools.partial(
-    nnx.jit,
-    static_argnames=("temperature", "think_id", "stop_id", "max_new",
-                     "pad_id"))
-def _sample(decoder, prompts_bt, allowed_v, key, *, temperature, think_id,
-            stop_id, max_new, pad_id):
-  b = prompts_bt.shape[0]
-  tokens_bt = jnp.concatenate(
-      [prompts_bt, jnp.full((b, 1), think_id, prompts_bt.dtype)], 1)
-  logits_bv, cache = recommend.prefill(decoder, tokens_bt, pad_id, max_new)
+    nnx.jit, static_argnames=("temperature", "stop_id", "max_new", "pad_id"))
+def _sample(decoder, prompts_bt, allowed_v, key, *, temperature, stop_id,
+            max_new, pad_id):
+  logits_bv, cache = recommend.prefill(decoder, prompts_bt, pad_id, max_new)
   thought, _, _ = think_lib.generate_until(
       decoder,
       logits_bv,
@@ -58,7 +53,102 @@ def _sample(decoder, prompts_bt, allowed_v, key, *, temperature, think_id,
   return thought
 
 
-class LMTeacher(teachers_lib.Teacher):
+def sample_texts(decoder, vocab, prompts: np.ndarray, *, stop_id: int,
+                 max_new: int, temperature: float, seed: int,
+                 batch_size: int) -> list[str]:
+  """One sampled continuation of each left-padded prompt row, decoded.
+
+  Text tokens only (`vocab.text_mask()`: no marker, SID or chat-control
+  token) until `stop_id` or `max_new` tokens; one jitted prefill + decode
+  per batch of `batch_size` rows (the last batch filled up, so one
+  compilation). Deterministic given the prompts, `seed` and `batch_size`.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  allowed = jnp.asarray(think_lib.think_token_mask(vocab.text_mask(),
+                                                   stop_id))
+  n = len(prompts)
+  texts = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    idx = np.where(idx < n, idx, 0)
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    thought = _sample(
+        decoder,
+        jnp.asarray(prompts[idx]),
+        allowed,
+        key,
+        temperature=float(temperature),
+        stop_id=stop_id,
+        max_new=max_new,
+        pad_id=vocab.pad_id)
+    tokens = np.asarray(thought.tokens)
+    lengths = np.asarray(thought.length)
+    for j in range(min(batch_size, n - start)):
+      texts.append(vocab.decode(tokens[j, :lengths[j]].tolist()).strip())
+  return texts
+
+
+class BatchedTeacher(teachers_lib.Teacher):
+  """A teacher whose `rationales_batch` does the work (one example is a
+  batch of one); `max_items` history items are shown."""
+
+  max_items: int
+  max_new_tokens: int
+  temperature: float
+  batch_size: int
+  decoder: object  # a `models.decoder.Decoder` over `vocab`
+  vocab: object  # a `text.Vocab` (or `PretrainedVocab`)
+  stop_id: int  # the token that ends a rationale
+
+  def prompts(self, users: Sequence[int], histories: np.ndarray,
+              targets: Sequence[int] | None) -> np.ndarray:
+    """(N, P) left-padded prompt token ids, one row per example."""
+    raise NotImplementedError
+
+  def _sampling_prompts(self, prompts: np.ndarray) -> np.ndarray:
+    """The rows sampling continues from (by default the prompts)."""
+    return prompts
+
+  def rationales_batch(self, users: Sequence[int], histories: np.ndarray,
+                       targets: Sequence[int] | None, k: int,
+                       seed: int) -> list[str]:
+    """k rationales for each (user, history, target), example-major."""
+    histories = self._check_batch(histories, targets, k, seed)
+    prompts = np.repeat(self.prompts(users, histories, targets), k, axis=0)
+    return sample_texts(
+        self.decoder,
+        self.vocab,
+        self._sampling_prompts(prompts),
+        stop_id=self.stop_id,
+        max_new=self.max_new_tokens,
+        temperature=self.temperature,
+        seed=seed,
+        batch_size=self.batch_size)
+
+  def _check_batch(self, histories, targets, k, seed) -> np.ndarray:
+    if k < 1 or seed < 0:
+      raise ValueError(f"k={k} must be >= 1 and seed={seed} >= 0.")
+    histories = np.asarray(histories)
+    if histories.ndim == 1:
+      histories = histories[None]
+    if not self.direct and targets is None:
+      raise ValueError("a RUPR teacher needs the targets (direct=True for "
+                       "the target-blind baseline).")
+    return histories
+
+  def rationales(self, user: int, history_items: Sequence[int],
+                 target_item: int | None, k: int, seed: int) -> list[str]:
+    hist = np.asarray(history_items, np.int64)
+    hist = hist[hist != 0][-self.max_items:]
+    row = np.zeros((1, max(self.max_items, 1)), np.int64)
+    if hist.size:
+      row[0, -hist.size:] = hist
+    return self.rationales_batch([user], row, None if self.direct else
+                                 [target_item], k, seed)
+
+
+class LMTeacher(BatchedTeacher):
   """Samples rationales from a decoder; see the module docstring.
 
   Args:
@@ -102,10 +192,9 @@ class LMTeacher(teachers_lib.Teacher):
     self.temperature = float(temperature)
     self.direct = bool(direct)
     self.batch_size = batch_size
+    self.stop_id = vocab.think_end_id
     users = np.arange(1, dataset.num_users + 1)
     self._prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix)
-    self._allowed = jnp.asarray(
-        think_lib.think_token_mask(vocab.text_mask(), vocab.think_end_id))
     self._titles = dataset.item_features.get("title")
 
   def prompts(self, users: Sequence[int], histories: np.ndarray,
@@ -130,48 +219,7 @@ class LMTeacher(teachers_lib.Teacher):
     length = max(len(r) for r in rows)
     return sid_rows.left_pad(rows, length, self.vocab.pad_id)
 
-  def rationales_batch(self, users: Sequence[int], histories: np.ndarray,
-                       targets: Sequence[int] | None, k: int,
-                       seed: int) -> list[str]:
-    """k rationales for each (user, history, target), example-major."""
-    if k < 1 or seed < 0:
-      raise ValueError(f"k={k} must be >= 1 and seed={seed} >= 0.")
-    histories = np.asarray(histories)
-    if histories.ndim == 1:
-      histories = histories[None]
-    if not self.direct and targets is None:
-      raise ValueError("a RUPR teacher needs the targets (direct=True for "
-                       "the target-blind baseline).")
-    prompts = np.repeat(self.prompts(users, histories, targets), k, axis=0)
-    n = len(prompts)
-    texts = []
-    v = self.vocab
-    for start in range(0, n, self.batch_size):
-      idx = np.arange(start, start + self.batch_size)
-      idx = np.where(idx < n, idx, 0)  # a full last batch: one compilation
-      key = jax.random.fold_in(jax.random.key(seed), start)
-      thought = _sample(
-          self.decoder,
-          jnp.asarray(prompts[idx]),
-          self._allowed,
-          key,
-          temperature=self.temperature,
-          think_id=v.think_id,
-          stop_id=v.think_end_id,
-          max_new=self.max_new_tokens,
-          pad_id=v.pad_id)
-      tokens = np.asarray(thought.tokens)
-      lengths = np.asarray(thought.length)
-      for j in range(min(self.batch_size, n - start)):
-        texts.append(v.decode(tokens[j, :lengths[j]].tolist()).strip())
-    return texts
-
-  def rationales(self, user: int, history_items: Sequence[int],
-                 target_item: int | None, k: int, seed: int) -> list[str]:
-    hist = np.asarray(history_items, np.int64)
-    hist = hist[hist != 0][-self.max_items:]
-    row = np.zeros((1, max(self.max_items, 1)), np.int64)
-    if hist.size:
-      row[0, -hist.size:] = hist
-    return self.rationales_batch([user], row, None if self.direct else
-                                 [target_item], k, seed)
+  def _sampling_prompts(self, prompts: np.ndarray) -> np.ndarray:
+    """The prompts with <think> appended: the rationale's column."""
+    think = np.full((len(prompts), 1), self.vocab.think_id, prompts.dtype)
+    return np.concatenate([prompts, think], 1)

@@ -107,15 +107,17 @@ def resolve_pretrained(name: str) -> pathlib.Path:
 
 # A model the project makes itself, for smoke configs and tests: a tiny
 # random Llama (`taiji_jax.testing.gguf.write_tiny_llama`: seed 0, a
-# byte-level BPE tokenizer, 300 embedding rows) in the GGUF format, written
-# once into the model cache. It writes no English; it runs every code path
+# byte-level BPE tokenizer, a ChatML chat template, 300 embedding rows) in
+# the GGUF format, written once into the model cache (the file name changes
+# whenever what the writer stores does, so an older cached file is never
+# read). It writes no English; it runs every code path
 # a real checkpoint does.
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 
 
 def tiny_random_llama() -> pathlib.Path:
   """The cached `TINY_RANDOM_LLAMA` file, written (atomically) if absent."""
-  path = fetch.model_cache_root() / TINY_RANDOM_LLAMA / "model.gguf"
+  path = fetch.model_cache_root() / TINY_RANDOM_LLAMA / "model-v2.gguf"
   if not path.is_file():
     from taiji_jax.testing import gguf as gguf_testing  # pylint: disable=g-import-not-at-top
     path.parent.mkdir(parents=True, exist_ok=True)

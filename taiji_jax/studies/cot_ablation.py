@@ -9,14 +9,20 @@
               plain beam (reported as the reference row);
   data/       the CoT examples (each user's last `cot.per_user` training
               targets) and k candidate rationales per example from the
-              direct and the RUPR teacher (`candidates_<teacher>.json`);
+              direct and the RUPR teacher (`candidates_<teacher>.json`,
+              with what made them and `rationale_checks` rates):
+              `cot.teacher` "attribute" (`teachers.AttributeTeacher`, from
+              the data) or "chat" (`chat_teacher.ChatTeacher`: the instruct
+              LLM `cot.chat.model` through its chat template);
   no_cot/     base fine-tuned on `[prompt] <think></think><answer>SID</answer>`
               rows (k copies per example, so as many steps as RUPR);
   direct/     ... on the direct teacher's rationales (no target seen);
   rupr/       ... on the RUPR teacher's rationales (target seen);
   orft/       ORFT: every RUPR candidate scored by the perplexity of the
-              answer SID under `cot.orft.scorer` ("rupr": the rupr/ model,
-              which has learned to read rationales; "base": base/),
+              answer SID under `cot.orft.scorer` ("base": base/, which
+              never trained on any candidate, the default; "rupr": the
+              rupr/ model, fine-tuned on the very candidates it scores, so
+              in sample: refused unless `cot.orft.allow_in_sample`),
               R = the `cot.orft.quantile` of those PPLs, kept if PPL < R
               (`orft_stats.json`, `orft_scores.npz`, `orft_ppl_hist.png`,
               and the kept set as `accepted.jsonl`: user, target,
@@ -40,6 +46,7 @@ reused, so re-running the command resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -50,10 +57,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from taiji_jax import config_checks
 from taiji_jax import config_lib
 from taiji_jax import sharding
+from taiji_jax.cot import chat_teacher
 from taiji_jax.cot import data as cot_data
 from taiji_jax.cot import orft
+from taiji_jax.cot import rationale_checks
 from taiji_jax.cot import teachers
 from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.sidlm import task
@@ -63,7 +73,9 @@ from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
 VARIANTS = ("no_cot", "direct", "rupr", "rupr_orft")
-SCORERS = ("rupr", "base")
+SCORERS = ("base", "rupr")
+IN_SAMPLE_SCORERS = ("rupr",)  # trained on the candidates they score
+TEACHERS = ("attribute", "chat")
 ACCEPTED_FILE = "accepted.jsonl"
 SAMPLES_FILE = "samples.json"
 # Columns of the table: (results key, header).
@@ -112,18 +124,68 @@ def _fit(config, workdir, data, rows=None, extra=None) -> dict[str, Any]:
       config, workdir, data=data, rows=rows, extra_results=extra)
 
 
-def _candidates(teacher, examples, k, seed, path: pathlib.Path):
-  """Cached `cot_data.candidate_rationales` (JSON in the seed's data/)."""
+def teacher_spec(config: ml_collections.ConfigDict, name: str) -> dict:
+  """What writes the `name` ("direct" / "rupr") candidates: the settings a
+  cached candidates file must have been made with."""
+  cot = config.cot
+  if cot.teacher not in TEACHERS:
+    raise ValueError(f"cot.teacher must be one of {TEACHERS}, got "
+                     f"{cot.teacher!r}.")
+  spec = {"teacher": cot.teacher, "direct": name == "direct"}
+  if cot.teacher == "attribute":
+    spec["max_sentences"] = int(cot.max_sentences)
+  else:
+    spec.update(cot.chat.to_dict())
+  return spec
+
+
+def make_teachers(config: ml_collections.ConfigDict, data,
+                  item_emb: np.ndarray | None) -> dict[str, teachers.Teacher]:
+  """{"direct", "rupr"} teachers of `cot.teacher` (the chat model loaded
+  once for both)."""
+  cot = config.cot
+  teacher_spec(config, "rupr")  # checks cot.teacher
+  if cot.teacher == "attribute":
+    return {
+        name: teachers.AttributeTeacher(
+            data.dataset,
+            item_emb,
+            direct=name == "direct",
+            max_sentences=cot.max_sentences) for name in ("direct", "rupr")
+    }
+  chat = cot.chat
+  rupr = chat_teacher.load(
+      chat.model,
+      data.dataset,
+      data.sids.codebook_sizes,
+      max_items=chat.max_items,
+      max_new_tokens=chat.max_new_tokens,
+      temperature=chat.temperature,
+      batch_size=chat.batch_size,
+      noun=chat.noun)
+  return {"rupr": rupr, "direct": rupr.variant(True)}
+
+
+def _candidates(make_teacher, spec, examples, k, seed, path: pathlib.Path,
+                checker: rationale_checks.RationaleChecker):
+  """Cached `cot_data.candidate_rationales` (JSON in the seed's data/): a
+  file made for other examples, k or teacher settings (`spec`) is made
+  again. `make_teacher()` is only called when nothing is cached."""
   if path.is_file():
     cached = json.loads(path.read_text())
-    if cached["num_examples"] == len(examples["targets"]) and cached["k"] == k:
+    if (cached["num_examples"] == len(examples["targets"]) and
+        cached["k"] == k and cached.get("teacher") == spec):
       return {"example": np.asarray(cached["example"]), "texts": cached["texts"]}
-  out = cot_data.candidate_rationales(teacher, examples, k, seed)
+    logging.info("%s: made for other settings; writing it again", path)
+  out = cot_data.candidate_rationales(make_teacher(), examples, k, seed)
+  targets = None if spec["direct"] else examples["targets"][out["example"]]
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(
         path, {
             "num_examples": len(examples["targets"]),
             "k": k,
+            "teacher": spec,
+            "checks": checker.summarize(out["texts"], targets),
             "example": out["example"].tolist(),
             "texts": out["texts"],
         })
@@ -147,14 +209,28 @@ def fine_tune_config(config: ml_collections.ConfigDict, seed: int,
       })
 
 
+def check_scorer(config: ml_collections.ConfigDict) -> str:
+  """`cot.orft.scorer`, refused when it scores in sample without
+  `cot.orft.allow_in_sample` (its perplexities then say what it memorised,
+  not how well a rationale supports the answer)."""
+  orft_config = config.cot.orft
+  scorer = orft_config.scorer
+  if scorer not in SCORERS:
+    raise ValueError(f"cot.orft.scorer must be one of {SCORERS}, got "
+                     f"{scorer!r}.")
+  if scorer in IN_SAMPLE_SCORERS and not orft_config.allow_in_sample:
+    raise ValueError(
+        f"cot.orft.scorer={scorer!r} was fine-tuned on the candidates it "
+        "would score (in-sample perplexities); use 'base', or set "
+        "cot.orft.allow_in_sample=True to ask for it explicitly.")
+  return scorer
+
+
 def orft_filter(config, root: pathlib.Path, data, examples, candidates,
                 prompts, length) -> tuple[np.ndarray, dict[str, Any]]:
   """ORFT on the RUPR candidates: (accepted mask, stats); cached."""
   out = root / "orft"
-  scorer = config.cot.orft.scorer
-  if scorer not in SCORERS:
-    raise ValueError(f"cot.orft.scorer must be one of {SCORERS}, got "
-                     f"{scorer!r}.")
+  scorer = check_scorer(config)
   scores = out / orft.SCORES_FILE
   if scores.is_file() and (out / orft.STATS_FILE).is_file():
     with np.load(scores) as f:
@@ -179,6 +255,8 @@ def orft_filter(config, root: pathlib.Path, data, examples, candidates,
   if jax.process_index() == 0:
     _write_accepted(out / ACCEPTED_FILE, examples, candidates, ppl, accepted)
   stats["scorer"] = scorer
+  stats["scorer_workdir"] = str(root / scorer)
+  stats["in_sample"] = scorer in IN_SAMPLE_SCORERS
   stats["quantile"] = float(config.cot.orft.quantile)
   metric_writer.write_json_atomic(out / orft.STATS_FILE, stats)
   return accepted, stats
@@ -227,17 +305,22 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
                                  data.vocab.pad_id)
   length = prompts.shape[1] + cot.max_think + 4 + data.item_tokens.shape[1]
   emb = item_embeddings(sids_dir, data.dataset)
+  made = {}
+
+  def teacher(name):
+    if not made:
+      made.update(make_teachers(config, data, emb))
+    return made[name]
+
+  checker = rationale_checks.RationaleChecker(data.dataset)
   cands = {
       name:
           _candidates(
-              teachers.AttributeTeacher(
-                  data.dataset,
-                  emb,
-                  direct=name == "direct",
-                  max_sentences=cot.max_sentences), examples, cot.k, seed,
-              root / "data" / f"candidates_{name}.json")
-      for name in ("direct", "rupr")
+              functools.partial(teacher, name), teacher_spec(config, name),
+              examples, cot.k, seed, root / "data" / f"candidates_{name}.json",
+              checker) for name in ("direct", "rupr")
   }
+  made.clear()  # the chat teacher's parameters are not needed any more
   n = len(examples["targets"])
   cands["no_cot"] = {"example": np.repeat(np.arange(n), cot.k),
                      "texts": [""] * (n * cot.k)}
@@ -251,8 +334,6 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
   }
   orft_stats = None
   for variant in cot.variants:
-    if variant not in VARIANTS:
-      raise ValueError(f"unknown variant {variant!r}; known {VARIANTS}.")
     c = cands["rupr" if variant == "rupr_orft" else variant]
     example_ids, texts = c["example"], c["texts"]
     if variant == "rupr_orft":
@@ -421,10 +502,35 @@ def format_table(summary: dict[str, Any]) -> str:
        for variant, entry in summary.items()], TABLE_METRICS)
 
 
-@workdir_lib.one_run_at_a_time
+def check_settings(config: ml_collections.ConfigDict) -> None:
+  """The ablation's own settings, before anything runs (named errors)."""
+  cot = config.cot
+  for variant in cot.variants:
+    if variant not in VARIANTS:
+      raise ValueError(f"cot.variants: unknown variant {variant!r}; known "
+                       f"{VARIANTS}.")
+  teacher_spec(config, "rupr")
+  config_checks.positive(cot, ("k", "per_user", "max_think", "epochs"), "cot")
+  if "rupr_orft" in cot.variants:
+    check_scorer(config)
+    config_checks.in_range(cot, "orft.quantile", 0.0, 1.0, "cot")
+  if cot.teacher == "chat":
+    config_checks.positive(
+        cot.chat, ("max_items", "max_new_tokens", "temperature", "batch_size"),
+        "cot.chat")
+
+
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
-  """Every seed, then results.json and table.md (module docstring)."""
+  """Every seed, then results.json and table.md (module docstring); the
+  settings are checked before the workdir is touched."""
+  check_settings(config)
+  return _run(config, workdir)
+
+
+@workdir_lib.one_run_at_a_time
+def _run(config: ml_collections.ConfigDict,
+         workdir: os.PathLike | str) -> dict[str, Any]:
   workdir = pathlib.Path(workdir)
   per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
   summary = summarize(per_seed)

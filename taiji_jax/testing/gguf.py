@@ -20,6 +20,7 @@ import numpy as np
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.models import gguf_import
 from taiji_jax.models import hf_import
+from taiji_jax.text import chat_template
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -62,6 +63,7 @@ def write_gguf(path: os.PathLike | str,
                pre: str = "smollm",
                tokenizer: tuple[list[str], list[int], list[str]] | None = None,
                with_tokenizer: bool = True,
+               chat: str | None = chat_template.CHATML,
                drop: Sequence[str] = ()) -> None:
   """Writes `decoder` as a GGUF file.
 
@@ -73,6 +75,8 @@ def write_gguf(path: os.PathLike | str,
     pre: `tokenizer.ggml.pre`.
     tokenizer: (tokens, types, merges); default `tiny_tokenizer()`.
     with_tokenizer: False writes no tokenizer (models smaller than it).
+    chat: the `tokenizer.chat_template` (None: none); the turn ends at EOS,
+      `<|im_end|>`, as in SmolLM2.
     drop: GGUF tensor names left out (for error tests).
   """
   w = gguf.GGUFWriter(str(path), arch)
@@ -101,6 +105,8 @@ def write_gguf(path: os.PathLike | str,
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if chat is not None:
+      w.add_chat_template(chat)
   params = dict(nnx.to_flat_state(nnx.state(decoder, nnx.Param)))
   layout = hf_import.hf_layout(cfg)
   gguf_of = {h: g for g, h in gguf_import.hf_names(cfg.num_layers).items()}

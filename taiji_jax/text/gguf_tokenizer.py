@@ -13,7 +13,9 @@ trained on:
   "gpt2"    GPT-2's byte-level regex.
 
 Special (control) tokens such as `<|im_start|>` are matched whole before
-BPE, so a chat template's markers are single tokens. Other pre-tokenizers
+BPE, so a chat template's markers are single tokens; they and the unused
+padding tokens (type 5) are special, so never text (`text_mask`): nothing
+samples them into a rationale. Other pre-tokenizers
 (llama-bpe, qwen2, ...) raise NotImplementedError rather than splitting
 text differently from the model's training.
 """
@@ -29,6 +31,8 @@ from tokenizers import pre_tokenizers
 
 PRE_TOKENIZERS = ("smollm", "gpt2")
 CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+UNUSED = 5  # LLAMA_TOKEN_TYPE_UNUSED: padding rows of the vocabulary
+NOT_TEXT = (CONTROL, UNUSED)
 
 
 def from_metadata(meta: Mapping[str, Any],
@@ -77,7 +81,7 @@ def from_metadata(meta: Mapping[str, Any],
   else:
     tok.pre_tokenizer = byte_level
   tok.decoder = decoders.ByteLevel()
-  specials = [t for t, ty in zip(tokens, types) if ty == CONTROL]
+  specials = [t for t, ty in zip(tokens, types) if ty in NOT_TEXT]
   tok.add_special_tokens(
       [tokenizers.AddedToken(t, special=True, normalized=False)
        for t in specials])
