@@ -1,6 +1,7 @@
 """The instruct-LLM teacher: chat template, prompts, sampling, claim checks."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ def test_the_format_comes_from_the_checkpoint_or_is_refused(tmp_path):
   assert fmt.end_of_turn == "<|im_end|>"
   cfg = gguf_testing.tiny_llama_config()
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from taiji_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+
+  from taiji_jax.models import \
+      decoder as decoder_lib  # pylint: disable=g-import-not-at-top
   bare = tmp_path / "bare.gguf"
   gguf_testing.write_gguf(
       bare, cfg, decoder_lib.Decoder(cfg, rngs=nnx.Rngs(0)), chat=None)
@@ -157,6 +160,9 @@ def test_bad_settings_are_named_errors(teacher, dataset):
   with pytest.raises(ValueError, match="temperature"):
     chat_teacher.ChatTeacher(teacher.decoder, teacher.vocab, teacher.chat,
                              dataset, temperature=0)
+  other = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=3))
+  with pytest.raises(ValueError, match="!= vocab.size .*extend_vocab"):
+    chat_teacher.ChatTeacher(other, teacher.vocab, teacher.chat, dataset)
   fmt = chat_template.ChatFormat(chat_template.CHATML, "no such token", "x")
   with pytest.raises(ValueError, match="end-of-turn"):
     chat_teacher.ChatTeacher(teacher.decoder, teacher.vocab, fmt, dataset)

@@ -43,8 +43,8 @@ import numpy as np
 
 from taiji_jax.cot import lm_teacher
 from taiji_jax.cot import teachers as teachers_lib
-from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.models import hf_import
+from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.text import chat_template as chat_lib
 from taiji_jax.text import pretrained_vocab
 
@@ -130,27 +130,24 @@ class ChatTeacher(lm_teacher.BatchedTeacher):
                batch_size: int = 16,
                system: str = SYSTEM,
                noun: str = "item"):
-    if not temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if min(max_items, max_new_tokens, batch_size) < 1:
-      raise ValueError(f"max_items={max_items}, max_new_tokens="
-                       f"{max_new_tokens} and batch_size={batch_size} must "
-                       "be >= 1.")
-    if decoder.cfg.vocab_size != vocab.size:
-      raise ValueError(f"decoder vocab_size {decoder.cfg.vocab_size} != "
-                       f"vocab.size {vocab.size}: grow the checkpoint's "
-                       "embedding to the vocabulary (hf_import.extend_vocab).")
     stop = vocab.encode(chat.end_of_turn)
     if len(stop) != 1:
       raise ValueError(f"{chat.source}: the end-of-turn token "
                        f"{chat.end_of_turn!r} is {len(stop)} ids in this "
                        "vocabulary, not one: not the checkpoint's tokenizer.")
-    self.decoder, self.vocab, self.chat, self.dataset = (decoder, vocab, chat,
-                                                         dataset)
-    self.stop_id = stop[0]
-    self.max_items, self.max_new_tokens = int(max_items), int(max_new_tokens)
-    self.temperature, self.direct = float(temperature), bool(direct)
-    self.batch_size, self.system, self.noun = int(batch_size), system, noun
+    super().__init__(
+        decoder,
+        vocab,
+        stop_id=stop[0],
+        max_items=max_items,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        direct=direct,
+        batch_size=batch_size,
+        hint="grow the checkpoint's embedding to the vocabulary "
+        "(hf_import.extend_vocab)")
+    self.chat, self.dataset, self.system, self.noun = (chat, dataset, system,
+                                                       noun)
 
   def variant(self, direct: bool) -> ChatTeacher:
     """The same model and settings as the RUPR (False) or the direct (True)
@@ -158,20 +155,6 @@ class ChatTeacher(lm_teacher.BatchedTeacher):
     other = copy.copy(self)
     other.direct = bool(direct)
     return other
-
-  def describe(self) -> dict[str, object]:
-    """What made the texts (kept beside cached candidates)."""
-    return {
-        "teacher": "chat",
-        "source": self.chat.source,
-        "direct": self.direct,
-        "max_items": self.max_items,
-        "max_new_tokens": self.max_new_tokens,
-        "temperature": self.temperature,
-        "batch_size": self.batch_size,
-        "system": self.system,
-        "noun": self.noun,
-    }
 
   def prompt_text(self, user: int, history: Sequence[int],
                   target: int | None) -> str:

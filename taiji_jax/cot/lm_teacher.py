@@ -93,13 +93,25 @@ class BatchedTeacher(teachers_lib.Teacher):
   """A teacher whose `rationales_batch` does the work (one example is a
   batch of one); `max_items` history items are shown."""
 
-  max_items: int
-  max_new_tokens: int
-  temperature: float
-  batch_size: int
-  decoder: object  # a `models.decoder.Decoder` over `vocab`
-  vocab: object  # a `text.Vocab` (or `PretrainedVocab`)
-  stop_id: int  # the token that ends a rationale
+  def __init__(self, decoder, vocab, *, stop_id: int, max_items: int,
+               max_new_tokens: int, temperature: float, direct: bool,
+               batch_size: int, hint: str = ""):
+    """The sampling settings both teachers share, checked (named errors);
+    `hint` says how to fix a decoder of another vocabulary."""
+    if not temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if min(max_items, max_new_tokens, batch_size) < 1:
+      raise ValueError(f"max_items={max_items}, max_new_tokens="
+                       f"{max_new_tokens} and batch_size={batch_size} must "
+                       "be >= 1.")
+    if decoder.cfg.vocab_size != vocab.size:
+      hint = hint or "not the decoder of this vocabulary"
+      raise ValueError(f"decoder vocab_size {decoder.cfg.vocab_size} != "
+                       f"vocab.size {vocab.size}: {hint}.")
+    self.decoder, self.vocab, self.stop_id = decoder, vocab, int(stop_id)
+    self.max_items, self.max_new_tokens = int(max_items), int(max_new_tokens)
+    self.temperature, self.direct = float(temperature), bool(direct)
+    self.batch_size = int(batch_size)
 
   def prompts(self, users: Sequence[int], histories: np.ndarray,
               targets: Sequence[int] | None) -> np.ndarray:
@@ -141,7 +153,7 @@ class BatchedTeacher(teachers_lib.Teacher):
                  target_item: int | None, k: int, seed: int) -> list[str]:
     hist = np.asarray(history_items, np.int64)
     hist = hist[hist != 0][-self.max_items:]
-    row = np.zeros((1, max(self.max_items, 1)), np.int64)
+    row = np.zeros((1, self.max_items), np.int64)
     if hist.size:
       row[0, -hist.size:] = hist
     return self.rationales_batch([user], row, None if self.direct else
@@ -176,23 +188,18 @@ class LMTeacher(BatchedTeacher):
                temperature: float = 1.0,
                direct: bool = False,
                batch_size: int = 32):
-    if not temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if max_new_tokens < 1 or batch_size < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size="
-                       f"{batch_size} must be >= 1.")
-    if decoder.cfg.vocab_size != vocab.size:
-      raise ValueError(f"decoder vocab_size {decoder.cfg.vocab_size} != "
-                       f"vocab.size {vocab.size}: not the decoder of this "
-                       "vocabulary.")
-    self.decoder, self.vocab, self.dataset = decoder, vocab, dataset
+    super().__init__(
+        decoder,
+        vocab,
+        stop_id=vocab.think_end_id,
+        max_items=max_items,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        direct=direct,
+        batch_size=batch_size)
+    self.dataset = dataset
     self.item_tokens = np.asarray(item_tokens)
-    self.max_items, self.max_prefix = max_items, max_prefix
-    self.max_new_tokens = max_new_tokens
-    self.temperature = float(temperature)
-    self.direct = bool(direct)
-    self.batch_size = batch_size
-    self.stop_id = vocab.think_end_id
+    self.max_prefix = max_prefix
     users = np.arange(1, dataset.num_users + 1)
     self._prefixes = sid_rows.user_prefixes(dataset, vocab, users, max_prefix)
     self._titles = dataset.item_features.get("title")
