@@ -7,6 +7,7 @@ import pytest
 
 from taiji_jax import config_lib
 from taiji_jax.studies import pareto
+from taiji_jax.studies import rl_variants
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
     "ml100k_pareto.py")
@@ -42,10 +43,10 @@ def test_hypervolume_2d_by_hand_and_by_grid():
 
 def test_variants_and_their_overrides():
   config = config_lib.load_config_file(CONFIG)
-  names = [n for n, _ in pareto.variants(config)]
+  names = [n for n, _ in rl_variants.variants(config)]
   assert names == ["fixed_0.00", "fixed_0.25", "fixed_0.50", "fixed_0.75",
                    "fixed_1.00", "popo", "popo_light", "mgda", "gdpo"]
-  overrides = dict(pareto.variants(config))
+  overrides = dict(rl_variants.variants(config))
   assert overrides["fixed_0.25"]["weights.preference"] == 0.75
   assert overrides["popo"]["weighting"] == "popo"
   assert overrides["popo"]["weighting_cfg.mu"] == 5e-4
@@ -53,18 +54,18 @@ def test_variants_and_their_overrides():
   assert overrides["mgda"]["weighting_cfg.normalization"] == "l2"
   assert overrides["gdpo"] == {"weighting": "fixed", "advantage": "gdpo"}
   # Every variant's overrides apply to the RL config.
-  for name, o in pareto.variants(config):
+  for name, o in rl_variants.variants(config):
     config_lib.with_overrides(config.rl, **o)
   config.unlock()
   config.adaptive = ("popo", "mgda_ub")
-  assert dict(pareto.variants(config))["mgda_ub"]["weighting"] == "mgda"
+  assert dict(rl_variants.variants(config))["mgda_ub"]["weighting"] == "mgda"
   config.adaptive = ("gapo",)
   with pytest.raises(ValueError, match="'gapo' has no entry"):
-    pareto.variants(config)
+    rl_variants.variants(config)
   config.adaptive = ()
   config.fixed_semantic_weights = (0.5, 1.5)
   with pytest.raises(ValueError, match="1.5 is not in"):
-    pareto.variants(config)
+    rl_variants.variants(config)
 
 
 def test_gap_to_front_interpolates_the_non_dominated_points():
@@ -157,7 +158,7 @@ def test_the_tuning_config_uses_an_unreported_seed_and_valid():
   main = config_lib.load_config_file(CONFIG)
   assert not set(tune.seeds) & set(main.seeds)
   assert tune.split == "valid" and main.split == "test"
-  overrides = dict(pareto.variants(tune))
+  overrides = dict(rl_variants.variants(tune))
   popo = [n for n in overrides if n.startswith("popo_")]
   assert len(popo) == 6
   for name in popo:

@@ -47,6 +47,7 @@ from taiji_jax.evaluate import full_ranking
 from taiji_jax.models import decoder as decoder_lib
 from taiji_jax.sidlm import task
 from taiji_jax.stages import artifacts
+from taiji_jax.text import vocab as vocab_lib
 from taiji_jax.train import checkpointing
 from taiji_jax.train import fit
 from taiji_jax.train import metric_writer
@@ -95,6 +96,14 @@ def check_settings(config: ml_collections.ConfigDict,
     raise checks.ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 
 
+def keep_vocab(workdir: pathlib.Path, vocab) -> None:
+  """Saves `vocab` into `<workdir>/vocab` unless it is there: a run trained
+  on another run's data holds that vocabulary too, so a later stage (RL,
+  an init_from) can read every SFT workdir alone."""
+  if not (workdir / "vocab" / vocab_lib.HEADER_FILE).is_file():
+    vocab.save(workdir / "vocab")
+
+
 @workdir_lib.one_run_at_a_time(check=check_settings)
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: os.PathLike | str,
@@ -126,6 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_lib.check_inputs(workdir, inputs, config.on_stale_inputs)
   if data is None:
     data = prepare(config, workdir)
+  else:
+    keep_vocab(workdir, data.vocab)
   dataset, split, sids, vocab = data.dataset, data.split, data.sids, data.vocab
   item_tokens, prefixes, titles = data.item_tokens, data.prefixes, data.titles
   if rows is None:

@@ -27,7 +27,12 @@
               (`orft_stats.json`, `orft_scores.npz`, `orft_ppl_hist.png`,
               and the kept set as `accepted.jsonl`: user, target,
               rationale, PPL per line);
-  rupr_orft/  base fine-tuned on the kept RUPR rows only.
+  rupr_orft/  base fine-tuned on the kept RUPR rows only;
+  rl/<run>/   RL from the `rl_runs.start` variant (default rupr_orft), one
+              run per fixed weight and adaptive rule of `rl_runs`
+              (`studies/rl_variants.py`: fixed_0.50, popo_light, popo), with
+              `config.rl` (reasoning rollouts; the final parameters are
+              evaluated, with the rewards and the held-out judges).
 
 Each variant's directory also gets `samples.json`: what the model thinks
 and recommends for the first test users (`sample_thoughts`).
@@ -40,7 +45,9 @@ think-then-recommend decoding (greedy rationale of at most `cot.max_think`
 tokens, then the trie-constrained beam), so the rows differ only in the
 training rationales. `<workdir>/results.json` holds each variant's
 per-seed test metrics and their mean and sample standard deviation;
-`<workdir>/table.md` the README table. A sub-run with a results.json is
+`<workdir>/table.md` the README table, `<workdir>/table_rl.md` the RL one
+(the start model and every RL run: training rewards, judges, ranking,
+think closed). A sub-run with a results.json is
 reused, so re-running the command resumes where it stopped.
 """
 
@@ -69,6 +76,8 @@ from taiji_jax.sidlm import rows as sid_rows
 from taiji_jax.sidlm import task
 from taiji_jax.stages import artifacts
 from taiji_jax.stages import sft as sft_stage
+from taiji_jax.studies import rl_table
+from taiji_jax.studies import rl_variants
 from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
@@ -88,6 +97,8 @@ TABLE_METRICS = (
     ("think/closed", "think closed"),
     ("format/compliant", "format compliant"),
 )
+# The RL table's columns: the RL-vs-SFT study's, and whether thoughts close.
+RL_TABLE_METRICS = rl_table.TABLE_METRICS + (("think/closed", "think closed"),)
 
 
 def item_embeddings(sids_dir: pathlib.Path, dataset) -> np.ndarray | None:
@@ -119,6 +130,7 @@ def _fit(config, workdir, data, rows=None, extra=None) -> dict[str, Any]:
   if done is not None:
     workdir_lib.write_or_check_config(workdir, config)
     logging.info("%s: finished before, reusing its results", workdir)
+    sft_stage.keep_vocab(workdir, data.vocab)
     return done
   return sft_stage.train_and_evaluate(
       config, workdir, data=data, rows=rows, extra_results=extra)
@@ -363,6 +375,9 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
         metric_writer.write_json_atomic(root / variant / "results.json",
                                         out[variant])
     sample_thoughts(tune, root / variant, data)
+  if rl_variants.variants(config.rl_runs):
+    out["rl"] = rl_variants.run(config.rl, config.rl_runs,
+                                root / config.rl_runs.start, root / "rl", seed)
   return out
 
 
@@ -467,7 +482,7 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
   `std` is the sample standard deviation (ddof = 1; 0 for one seed).
   """
   out = {}
-  variants = next(iter(per_seed.values())).keys()
+  variants = [v for v in next(iter(per_seed.values())) if v != "rl"]
   for variant in variants:
     rows = [per_seed[s][variant] for s in per_seed]
     tests = []
@@ -488,6 +503,27 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
     entry["steps"] = [r.get("steps") for r in rows]
     out[variant] = entry
   return out
+
+
+def summarize_rl(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
+  """{run: {metric: stats}} of the RL runs' final parameters on test, the
+  start model first ("sft"); empty without RL runs."""
+  seeds = [s for s in per_seed if "rl" in per_seed[s]]
+  if not seeds:
+    return {}
+  out = {}
+  for name in per_seed[seeds[0]]["rl"]:
+    tests = [per_seed[s]["rl"][name]["test"] for s in seeds]
+    names = sorted(set.intersection(*(set(t) for t in tests)))
+    out[name] = {k: workdir_lib.seed_stats(t[k] for t in tests) for k in names}
+  return out
+
+
+def format_rl_table(summary_rl: dict[str, Any], start: str) -> str:
+  """The markdown RL table (mean ± std over the seeds)."""
+  return workdir_lib.seed_table(
+      [(f"{start} (RL start)" if name == "sft" else name, entry)
+       for name, entry in summary_rl.items()], RL_TABLE_METRICS)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -518,6 +554,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     config_checks.positive(
         cot.chat, ("max_items", "max_new_tokens", "temperature", "batch_size"),
         "cot.chat")
+  if rl_variants.check(config.rl, config.rl_runs):
+    if config.rl_runs.start not in cot.variants:
+      raise ValueError(f"rl_runs.start={config.rl_runs.start!r} is not one "
+                       f"of cot.variants {tuple(cot.variants)}.")
 
 
 def run(config: ml_collections.ConfigDict,
@@ -538,8 +578,10 @@ def _run(config: ml_collections.ConfigDict,
       s: r["rupr_orft"].get("orft") for s, r in per_seed.items()
       if "rupr_orft" in r
   }
+  summary_rl = summarize_rl(per_seed)
   results = {
       "summary": summary,
+      "summary_rl": summary_rl,
       "orft": orft_runs,
       "per_seed": {str(s): r for s, r in per_seed.items()},
       "seeds": [int(s) for s in config.seeds],
@@ -548,5 +590,9 @@ def _run(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     metric_writer.write_json_atomic(workdir / "results.json", results)
     (workdir / "table.md").write_text(table + "\n")
+    if summary_rl:
+      rl_md = format_rl_table(summary_rl, config.rl_runs.start)
+      (workdir / "table_rl.md").write_text(rl_md + "\n")
+      table += "\n\n" + rl_md
   print(table)
   return results

@@ -43,16 +43,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from taiji_jax import config_lib
 from taiji_jax.evaluate import figures
-from taiji_jax.stages import rl as rl_stage
-from taiji_jax.studies import rl_table
 from taiji_jax.stages import sft as sft_stage
+from taiji_jax.studies import rl_table
+from taiji_jax.studies import rl_variants
 from taiji_jax.train import metric_writer
 from taiji_jax.train import workdir as workdir_lib
 
@@ -68,45 +68,6 @@ FRONTS = {
 TABLE_METRICS = rl_table.TABLE_METRICS
 
 
-def fixed_name(w: float) -> str:
-  return f"fixed_{w:.2f}"
-
-
-def variants(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
-  """(name, overrides of config.rl) of every RL run of a seed."""
-  out = []
-  for w in config.fixed_semantic_weights:
-    w = float(w)
-    if not 0 <= w <= 1:
-      raise ValueError(f"fixed_semantic_weights: {w} is not in [0, 1].")
-    out.append((fixed_name(w), {
-        "weighting": "fixed",
-        "weights.semantic": w,
-        "weights.preference": 1.0 - w
-    }))
-  for name in config.adaptive:
-    if name not in config.rules:
-      raise ValueError(f"adaptive rule {name!r} has no entry in "
-                       f"config.rules (known: {sorted(config.rules)}).")
-    overrides = {"weighting": name,
-                 **config_lib.flatten(config.rules[name].to_dict())}
-    out.append((name, overrides))
-  names = [n for n, _ in out]
-  if len(set(names)) != len(names):
-    raise ValueError(f"duplicate variants {names}.")
-  return out
-
-
-def weight_trajectory(workdir: os.PathLike | str,
-                      names: Sequence[str]) -> dict[str, list[float]]:
-  """{reward: [weight used at step 1, 2, ...]} from an RL run's metrics."""
-  records = rl_stage.read_metrics(workdir)
-  return {
-      n: [float(r[f"weights/{n}"]) for r in records if f"weights/{n}" in r]
-      for n in names
-  }
-
-
 def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
              seed: int) -> dict[str, Any]:
   """SFT, then every variant's RL run, for one seed."""
@@ -118,28 +79,7 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
     sft_dir = root / "sft"
     sft_stage.train_and_evaluate(
         config_lib.with_overrides(config.sft, seed=seed), sft_dir)
-  out = {}
-  for i, (name, overrides) in enumerate(variants(config)):
-    # The SFT model is evaluated once per seed, in the first run.
-    rl_config = config_lib.with_overrides(
-        config.rl,
-        seed=seed,
-        sft_workdir=str(sft_dir),
-        **{"eval.reference_model": i == 0},
-        **overrides)
-    results = rl_stage.train_and_evaluate(rl_config, root / name)
-    if i == 0:
-      out["sft"] = {
-          "test": results["sft"]["test"],
-          "valid": results["sft"]["valid"]
-      }
-    out[name] = {
-        "test": results["test_last"],
-        "valid": results["valid"],
-        "final_weights": results["final_weights"],
-        "weights": weight_trajectory(root / name, results["rewards"]),
-        "seconds": results["seconds"],
-    }
+  out = rl_variants.run(config.rl, config, sft_dir, root, seed)
   metric_writer.write_json_atomic(cache, out)
   return out
 
@@ -226,7 +166,7 @@ def summarize(config: ml_collections.ConfigDict,
   training rewards against `config.reference` ("hypervolume") and of the
   judges against `judge_references` ("hypervolume_judges", when there are
   judges)."""
-  names = ["sft"] + [n for n, _ in variants(config)]
+  names = ["sft"] + [n for n, _ in rl_variants.variants(config)]
   split = config.split
   stats = {}
   for name in names:
@@ -264,7 +204,9 @@ def front_analysis(config: ml_collections.ConfigDict,
   point alone and added to the front (module docstring).
   `shared_reference`: one stated point for every seed ("reference"), else
   a point per seed ("references" only)."""
-  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  fixed = [
+      rl_variants.fixed_name(float(w)) for w in config.fixed_semantic_weights
+  ]
   split = config.split
   fronts = {
       s: [_xy(per_seed[s][n][split], metrics) for n in fixed]
@@ -314,7 +256,7 @@ def format_table(config: ml_collections.ConfigDict,
   """Markdown: the metrics table, then the hypervolume table."""
   stats = summary["stats"]
   rows = [("SFT", stats["sft"])]
-  rows += [(n, stats[n]) for n, _ in variants(config)]
+  rows += [(n, stats[n]) for n, _ in rl_variants.variants(config)]
   table = workdir_lib.seed_table(rows, TABLE_METRICS)
   parts = [table, _hv_table(summary["hypervolume"], "the training rewards")]
   if "hypervolume_judges" in summary:
@@ -358,7 +300,9 @@ def plot_front(config: ml_collections.ConfigDict, per_seed: dict[int, dict],
   """front.png (module docstring)."""
   fig, ax = figures.new(figsize=(7, 5))
   stats = summary["stats"]
-  fixed = [fixed_name(float(w)) for w in config.fixed_semantic_weights]
+  fixed = [
+      rl_variants.fixed_name(float(w)) for w in config.fixed_semantic_weights
+  ]
   mean = lambda n: (stats[n][X_METRIC]["mean"], stats[n][Y_METRIC]["mean"])
   std = lambda n: (stats[n][X_METRIC]["std"], stats[n][Y_METRIC]["std"])
   xs, ys = zip(*(mean(n) for n in fixed))
@@ -440,6 +384,7 @@ def finished_seeds(workdir: os.PathLike | str) -> dict[int, dict]:
 def run(config: ml_collections.ConfigDict,
         workdir: os.PathLike | str) -> dict[str, Any]:
   """Every seed and variant, then the reports (module docstring)."""
-  variants(config)  # a bad variant list fails before any training
+  # A bad variant list or RL setting fails before any training.
+  rl_variants.check(config.rl, config)
   per_seed = workdir_lib.run_seeds(config, workdir, run_seed)
   return report(config, workdir, per_seed)

@@ -96,10 +96,17 @@ def checkpoint_steps(workdir: os.PathLike | str) -> list[int]:
 
 
 def assert_same_run(a: os.PathLike | str, b: os.PathLike | str) -> dict:
-  """Two workdirs hold the same results and metric records; returns a's."""
+  """Two workdirs hold the same results and metric records; returns a's.
+
+  Compared: test, valid, steps and the selected point (an SFT run's
+  best_epoch, an RL run's best_step and its last-step test metrics).
+  """
   ra = json.loads((pathlib.Path(a) / "results.json").read_text())
   rb = json.loads((pathlib.Path(b) / "results.json").read_text())
-  for key in ("test", "valid", "steps", "best_epoch"):
-    assert ra[key] == rb[key], (key, ra[key], rb[key])
+  keys = ["test", "valid", "steps"]
+  keys += [k for k in ("best_epoch", "best_step", "test_last") if k in ra]
+  assert keys[3:], f"{a}: results.json has no selected point"
+  for key in keys:
+    assert ra[key] == rb[key], (key, ra[key], rb.get(key))
   assert metric_records(a) == metric_records(b)
   return ra
