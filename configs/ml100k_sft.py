@@ -118,6 +118,9 @@ def get_config(arg=None):
   # Item feature of the semantic label metrics (label_acc@1, ...); "": none.
   c.eval.label_field = "genres"
   c.eval.batch_size = 128
+  # Users evaluated on valid and test: 0 = all, else a fixed sample of that
+  # many (the same in every run and seed; sidlm/rows.fixed_users).
+  c.eval.num_users = 0
   c.eval.every_epochs = 2
   c.eval.early_stop_metric = "ndcg@10"
   # Think-then-recommend (sidlm/evaluation.py): a rationale of at most

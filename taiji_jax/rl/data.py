@@ -163,9 +163,10 @@ def eval_parts(sft_config, data: task.Data,
   for part in ("valid", "test"):
     p = task.eval_split(data.split[part], data.item_tokens, data.prefixes,
                        sft_config, data.vocab.pad_id, data.titles)
-    if not np.array_equal(pref_split[part]["users"], p["users"]):
+    pref = task.eval_users(pref_split[part], sft_config)
+    if not np.array_equal(pref["users"], p["users"]):
       raise AssertionError(f"{part}: the two splits list different users.")
-    p["pref_histories"] = pref_split[part]["histories"]
+    p["pref_histories"] = pref["histories"]
     out[part] = p
   return out
 

@@ -36,7 +36,33 @@ import numpy as np
 from taiji_jax.data import pipeline as data_pipeline
 
 ITEM_TO_SID_TEMPLATE = "Item: {text}. SID:"
+# The seed of every fixed user sample (`fixed_users`): one sample for
+# every run, seed and variant, so they are measured on the same users.
+SAMPLE_SEED = 0
 SID_TO_TITLE_TEMPLATE = "SID {sid} is the item:"
+
+
+def fixed_users(users: np.ndarray, size: int, key: str) -> np.ndarray:
+  """Mask of a fixed sample of `size` distinct users among `users` (rows
+  may repeat a user; a sampled user keeps all its rows); all with size 0.
+
+  The sample depends on the set of users and `size` only (SAMPLE_SEED),
+  never on the run's seed.
+
+  Raises:
+    ValueError: size < 0 or more than the distinct users (names `key`).
+  """
+  users = np.asarray(users)
+  distinct = np.unique(users)
+  size = int(size)
+  if not 0 <= size <= len(distinct):
+    raise ValueError(f"{key}={size}: must be in [0, {len(distinct)}] (the "
+                     "users there are; 0: all).")
+  if size == 0:
+    return np.ones(len(users), bool)
+  chosen = np.random.default_rng(SAMPLE_SEED).choice(
+      distinct, size, replace=False)
+  return np.isin(users, chosen)
 
 
 def user_prefixes(dataset, vocab, users: Sequence[int],

@@ -464,6 +464,16 @@ def build(config: ml_collections.ConfigDict,
                train_state.batch_putter(mesh, rules), mesh)
 
 
+def eval_users(part: dict[str, np.ndarray],
+               config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The rows of a valid/test part that are evaluated: every user, or with
+  `eval.num_users` = n > 0 a fixed sample of n users (the same for every
+  run, seed and variant: `rows_lib.fixed_users`)."""
+  keep = rows_lib.fixed_users(part["users"], config.eval.get("num_users", 0),
+                              "eval.num_users")
+  return part if keep.all() else {k: v[keep] for k, v in part.items()}
+
+
 def eval_split(part: dict[str, np.ndarray],
                 item_tokens: np.ndarray,
                 prefixes: dict[int, list[int]],
@@ -474,8 +484,11 @@ def eval_split(part: dict[str, np.ndarray],
 
   `full_ranking.evaluate` batches it (padding rows with zeros, which are
   excluded from the means); an all-padding prompt row is replaced by the
-  first prompt in `put` so every decoded row is well defined.
+  first prompt in `put` so every decoded row is well defined. With
+  `eval.num_users` > 0 only a fixed sample of that many users is kept
+  (`eval_users`).
   """
+  part = eval_users(part, config)
   prompts = rows_lib.prompt_rows(
       part["histories"],
       part["users"],

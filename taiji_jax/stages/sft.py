@@ -78,8 +78,9 @@ def check_settings(config: ml_collections.ConfigDict,
   checks.epoch_trainer(config, prefix, sizes=("max_items", "max_prefix"))
   checks.one_of(config, "on_stale_inputs", workdir_lib.ON_STALE, prefix)
   counts = [k for k in ("rows_per_user", "train.log_every_steps",
-                        "train.checkpoint_every_steps")
-            if k.split(".")[-1] in (config.train if "." in k else config)]
+                        "train.checkpoint_every_steps", "eval.num_users")
+            if k.split(".")[-1] in (config[k.split(".")[0]] if "." in k
+                                    else config)]
   checks.positive(config, counts, prefix, allow_zero=counts)
   try:
     optimizer.frozen_patterns(config)

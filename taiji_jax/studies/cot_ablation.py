@@ -8,7 +8,8 @@
               trained with sample rationales in its corpus; ranked by the
               plain beam (reported as the reference row);
   data/       the CoT examples (each user's last `cot.per_user` training
-              targets) and k candidate rationales per example from the
+              targets; with `cot.num_users` > 0 of a fixed sample of
+              users) and k candidate rationales per example from the
               direct and the RUPR teacher (`candidates_<teacher>.json`,
               with what made them and `rationale_checks` rates):
               `cot.teacher` "attribute" (`teachers.AttributeTeacher`, from
@@ -311,6 +312,10 @@ def run_seed(config: ml_collections.ConfigDict, root: pathlib.Path,
 
   examples = cot_data.next_item_examples(data.split, cot.per_user,
                                          base_config.max_items)
+  # cot.num_users > 0: the examples of a fixed sample of users only.
+  keep = sid_rows.fixed_users(examples["users"], cot.num_users,
+                              "cot.num_users")
+  examples = {key: v[keep] for key, v in examples.items()}
   prompts = sid_rows.prompt_rows(examples["histories"], examples["users"],
                                  data.item_tokens, data.prefixes,
                                  base_config.max_items, base_config.max_prefix,
@@ -547,6 +552,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
                        f"{VARIANTS}.")
   teacher_spec(config, "rupr")
   config_checks.positive(cot, ("k", "per_user", "max_think", "epochs"), "cot")
+  config_checks.positive(cot, ("num_users",), "cot", allow_zero=("num_users",))
   if "rupr_orft" in cot.variants:
     check_scorer(config)
     config_checks.in_range(cot, "orft.quantile", 0.0, 1.0, "cot")
